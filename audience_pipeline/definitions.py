@@ -1,0 +1,67 @@
+"""The Dagster code location: every feed in the feeds file becomes its own asset group."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from audience_pipeline.assets import IO_MANAGER_KEY, STORAGE_KEY, FeedKeys, build_feed_assets
+from audience_pipeline.destinations.registry import build_resource
+from audience_pipeline.feeds.loader import load_feeds
+from audience_pipeline.feeds.model import Feed, FeedsFile
+from audience_pipeline.redact import install_log_redaction
+from audience_pipeline.sensors import build_new_file_sensor, build_status_sensor
+from audience_pipeline.sources.registry import build_source_resource
+from audience_pipeline.storage import HOME_ENV_VAR, AudienceIOManager, PipelineStorage
+
+
+def default_home() -> Path:
+    return Path(os.environ.get(HOME_ENV_VAR) or Path.cwd() / ".audience_pipeline")
+
+
+def build_feed_definitions(feed: Feed, feeds: FeedsFile) -> dg.Definitions:
+    """Assets, jobs and sensors of one feed; resources are shared and added once by the caller."""
+    keys = FeedKeys(feed, feeds)
+    ingest_job = dg.define_asset_job(
+        keys.ingest_job,
+        selection=dg.AssetSelection.assets(
+            keys.hr_file, keys.validated_rows, keys.rejected_rows, keys.import_job
+        ),
+        partitions_def=keys.partitions,
+        description=f"Stage, validate and import one HR file for feed {feed.name}.",
+    )
+    report_job = dg.define_asset_job(
+        keys.report_job,
+        selection=dg.AssetSelection.assets(keys.failure_report),
+        partitions_def=keys.partitions,
+        description=f"Build the failure report of a finished import for feed {feed.name}.",
+    )
+    return dg.Definitions(
+        assets=build_feed_assets(feed, feeds),
+        jobs=[ingest_job, report_job],
+        sensors=[build_new_file_sensor(keys, ingest_job), build_status_sensor(keys, report_job)],
+    )
+
+
+def build_definitions(feeds: FeedsFile, home: Path | None = None) -> dg.Definitions:
+    home = home or default_home()
+    resources: dict[str, object] = {
+        IO_MANAGER_KEY: AudienceIOManager(base_dir=str(home)),
+        STORAGE_KEY: PipelineStorage(base_dir=str(home)),
+    }
+    for name, source in feeds.sources.items():
+        resources[f"source_{name}"] = build_source_resource(source)
+    for name, destination in feeds.destinations.items():
+        resources[f"destination_{name}"] = build_resource(destination)
+    return dg.Definitions.merge(
+        *(build_feed_definitions(feed, feeds) for feed in feeds.feeds),
+        dg.Definitions(resources=resources),
+    )
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    install_log_redaction()
+    return build_definitions(load_feeds())

@@ -1,0 +1,118 @@
+"""The small interface every destination implements, and the records that cross it.
+
+``submit`` sends the valid rows and returns a :class:`JobHandle` (JSON, stored in Dagster
+metadata so the status sensor can find it again); ``status`` is the cheap poll the sensor calls;
+``outcome`` fetches the per-row result once a job is final, for the failure report. Rows are
+addressed by their position in the submitted frame (``row``), and the handle records which
+positions each vendor job (chunk) covers, so a vendor's line or index maps back to ``source_line``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar, Protocol
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JobState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED)
+
+
+class ChunkJob(BaseModel):
+    """One vendor job covering rows ``first_row`` .. ``first_row + row_count - 1``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    first_row: int
+    row_count: int
+
+
+class JobHandle(BaseModel):
+    """Everything needed to poll a submitted import and to account for its rows later."""
+
+    vendor: str
+    feed: str
+    partition: str
+    jobs: list[ChunkJob]
+    submitted_rows: int
+    submitted_at: float = Field(default_factory=time.time)
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """Stable identifier of the import across all its chunks (used in run keys)."""
+        return "+".join(job.job_id for job in self.jobs) or f"{self.feed}:{self.partition}:empty"
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    state: JobState
+    vendor_status: str
+    progress: float | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class RowFailure:
+    """A submitted row the vendor did not import: ``row`` indexes the submitted frame."""
+
+    row: int
+    reason: str
+    outcome: str = "failed"
+
+
+@dataclass
+class JobOutcome:
+    """Final per-row result: every submitted row is imported, failed or (where the vendor says so) ignored."""
+
+    submitted: int
+    failures: list[RowFailure] = field(default_factory=list)
+    vendor_counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for f in self.failures if f.outcome == "failed")
+
+    @property
+    def ignored(self) -> int:
+        return sum(1 for f in self.failures if f.outcome == "ignored")
+
+    @property
+    def imported(self) -> int:
+        return self.submitted - len(self.failures)
+
+
+class Destination(Protocol):
+    vendor: ClassVar[str]
+
+    def submit(self, rows: pd.DataFrame, *, feed: str, partition: str) -> JobHandle: ...
+
+    def status(self, handle: JobHandle) -> JobStatus: ...
+
+    def outcome(self, handle: JobHandle) -> JobOutcome: ...
+
+    def close(self) -> None: ...
+
+
+def combine_states(states: list[JobState]) -> JobState:
+    """A chunked import is final only when every chunk is; it failed if any chunk failed."""
+    if not states or all(s is JobState.SUCCEEDED for s in states):
+        return JobState.SUCCEEDED
+    if all(s.terminal for s in states):
+        return JobState.FAILED
+    if any(s is not JobState.PENDING for s in states):
+        return JobState.RUNNING
+    return JobState.PENDING
