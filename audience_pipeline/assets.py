@@ -14,7 +14,13 @@ from audience_pipeline.csv_reader import CsvFileError
 from audience_pipeline.destinations.base import JobHandle, JobOutcome
 from audience_pipeline.feeds.model import Feed, FeedsFile
 from audience_pipeline.normalize import MappingError
-from audience_pipeline.reports import RowAccounting, build_report, markdown_preview, write_report
+from audience_pipeline.reports import (
+    REPORT_COLUMNS,
+    RowAccounting,
+    build_report,
+    markdown_preview,
+    write_report,
+)
 from audience_pipeline.sources.base import StagedFile, split_partition_key, stage_or_reuse
 from audience_pipeline.validation import ValidationResult, validate_file
 
@@ -131,6 +137,7 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
             )
         ],
         name=f"{feed.name}__validate",
+        required_resource_keys={STORAGE_KEY},
         **common,
     )
     def validate(context: dg.AssetExecutionContext, hr_file: StagedFile) -> Iterator:
@@ -139,15 +146,19 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
         except (CsvFileError, MappingError) as exc:
             raise dg.Failure(description=str(exc), allow_retries=False) from None
         rate = result.rejection_rate
+        as_report = result.rejects.assign(stage="validation", outcome="rejected")[REPORT_COLUMNS]
+        storage = getattr(context.resources, STORAGE_KEY)
+        rejects_csv = write_report(
+            as_report, storage.report_dir(feed.name, context.partition_key) / "rejects.csv"
+        )
         yield dg.Output(result.valid, "validated_rows", metadata=_validation_metadata(result, hr_file))
         yield dg.Output(
             result.rejects,
             "rejected_rows",
             metadata={
                 "dagster/row_count": len(result.rejects),
-                "preview": dg.MetadataValue.md(
-                    markdown_preview(result.rejects.assign(stage="validation", outcome="rejected"))
-                ),
+                "rejects_csv": dg.MetadataValue.path(str(rejects_csv)),
+                "preview": dg.MetadataValue.md(markdown_preview(as_report)),
             },
         )
         yield dg.AssetCheckResult(

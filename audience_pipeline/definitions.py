@@ -9,7 +9,7 @@ import dagster as dg
 
 from audience_pipeline.assets import IO_MANAGER_KEY, STORAGE_KEY, FeedKeys, build_feed_assets
 from audience_pipeline.destinations.registry import build_resource
-from audience_pipeline.feeds.loader import load_feeds
+from audience_pipeline.feeds.loader import load_feeds, register_feed_secrets
 from audience_pipeline.feeds.model import Feed, FeedsFile
 from audience_pipeline.redact import install_log_redaction
 from audience_pipeline.sensors import build_new_file_sensor, build_status_sensor
@@ -63,5 +63,7 @@ def build_definitions(feeds: FeedsFile, home: Path | None = None) -> dg.Definiti
 
 @dg.definitions
 def defs() -> dg.Definitions:
+    feeds = load_feeds()
+    register_feed_secrets(feeds)
     install_log_redaction()
-    return build_definitions(load_feeds())
+    return build_definitions(feeds)

@@ -120,5 +120,12 @@ def _normalize_attribute(values: pa.ChunkedArray, spec: AttributeSpec) -> pa.Chu
 
 
 def parse_dates(values: pa.ChunkedArray, fmt: str | None) -> pa.ChunkedArray:
-    """Timestamps, or null where the value is empty or not a real date in the expected format."""
-    return pc.strptime(values, format=fmt or "%Y-%m-%d", unit="s", error_is_null=True)
+    """Timestamps, or null where the value is empty or not a real date in the expected format.
+
+    Arrow's strptime rolls impossible dates over (2021-02-30 becomes 2021-03-02), so a value only
+    counts when formatting the parsed date again gives the same text back.
+    """
+    fmt = fmt or "%Y-%m-%d"
+    parsed = pc.strptime(values, format=fmt, unit="s", error_is_null=True)
+    same = pc.equal(pc.strftime(parsed, format=fmt), values)
+    return pc.if_else(pc.fill_null(same, False), parsed, pa.scalar(None, parsed.type))

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from audience_pipeline.feeds.model import FeedsFile, FolderSource
+from audience_pipeline.feeds.model import FeedsFile, FolderSource, SecretRef
+from audience_pipeline.redact import register_secret
 
 FEEDS_ENV_VAR = "AUDIENCE_PIPELINE_FEEDS"
 DEMO_FEEDS = Path(__file__).parent / "demo" / "feeds.yaml"
@@ -57,6 +58,30 @@ def load_feeds(path: Path | str | None = None) -> FeedsFile:
         raise FeedsFileError(_describe(path, exc)) from None
     _check_options(path, feeds)
     return _anchor_folders(feeds, path.parent)
+
+
+def secret_refs(feeds: FeedsFile) -> list[SecretRef]:
+    """Every ``${VAR}`` reference in the sources and destinations."""
+    found: list[SecretRef] = []
+
+    def walk(value: object) -> None:
+        if isinstance(value, SecretRef):
+            found.append(value)
+        elif isinstance(value, BaseModel):
+            for item in value.__dict__.values():
+                walk(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+
+    walk(feeds.sources)
+    walk(feeds.destinations)
+    return found
+
+
+def register_feed_secrets(feeds: FeedsFile) -> None:
+    """Teach the process-wide redactor the values behind every ``${VAR}``, before anything logs."""
+    register_secret(*(os.environ.get(ref.env_var) for ref in secret_refs(feeds)))
 
 
 def _resolve_refs(value: Any, path: Path, loc: tuple[str | int, ...]) -> Any:

@@ -94,7 +94,7 @@ class FieldMapping(StrictModel):
 
 class FolderSource(StrictModel):
     type: Literal["folder"]
-    path: str
+    path: ConfigValue
     glob: str = "*.csv"
 
 

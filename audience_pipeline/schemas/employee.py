@@ -53,6 +53,8 @@ def _regex_check(name: str, pattern: str) -> pa.Check:
 def first_seen_index(series: pd.Series) -> np.ndarray:
     """Position of each value's first occurrence (nulls point at themselves)."""
     encoded = pc.dictionary_encode(_arrow(series))
+    if isinstance(encoded, arrow.ChunkedArray):
+        encoded = encoded.combine_chunks()
     codes = pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
     positions = np.arange(len(series))
     valid = codes >= 0

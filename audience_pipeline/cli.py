@@ -1,0 +1,135 @@
+"""``audience-pipeline``: demo | sync | validate | sandbox."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+from audience_pipeline.feeds.loader import FEEDS_ENV_VAR, FeedsFileError, load_feeds
+from audience_pipeline.storage import HOME_ENV_VAR
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="audience-pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the bundled demo feeds against a local sandbox")
+    demo.add_argument("--home", type=Path, help="where staging, assets and reports go (default: a temp dir)")
+    demo.add_argument("--pace", type=float, default=0.3, help="sandbox seconds per import-job state")
+
+    sync = sub.add_parser("sync", help="run your feeds once against their configured endpoints")
+    sync.add_argument("--feeds", type=Path, help=f"feeds file (default: ${FEEDS_ENV_VAR})")
+    sync.add_argument("--feed", action="append", help="only this feed (repeatable)")
+    sync.add_argument("--home", type=Path, help=f"working folder (default: ${HOME_ENV_VAR} or ./.audience_pipeline)")
+    sync.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for imports to end")
+    sync.add_argument("--poll-interval", type=float, default=10.0)
+
+    validate = sub.add_parser("validate", help="check one HR file against a feed's mapping, offline")
+    validate.add_argument("file", type=Path)
+    validate.add_argument("--feeds", type=Path)
+    validate.add_argument("--feed", required=True)
+    validate.add_argument("--out", type=Path, help="write the rejected rows to this CSV")
+
+    sandbox = sub.add_parser("sandbox", help="serve the vendor API emulator on 127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=8765)
+    sandbox.add_argument("--pace", type=float, default=1.0)
+
+    args = parser.parse_args(argv)
+    try:
+        return {"demo": _demo, "sync": _sync, "validate": _validate, "sandbox": _sandbox}[args.command](args)
+    except FeedsFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from audience_pipeline.sandbox.app import SandboxSettings
+    from audience_pipeline.sandbox.server import SandboxServer
+
+    settings = SandboxSettings(pace_seconds=args.pace)
+    with ExitStack() as stack:
+        home = args.home or Path(tempfile.mkdtemp(prefix="audience-demo-"))
+        server = stack.enter_context(SandboxServer(settings))
+        os.environ["CXI_BASE_URL"] = server.vendor_url("cxi")
+        os.environ["CXI_API_KEY"] = settings.cxi_api_key
+        print(f"sandbox listening on {server.url}; working folder {home}")
+        return _run(load_feeds(), home, feed_names=None, timeout=120.0, poll_interval=0.2, ephemeral=True)
+
+
+def _sync(args: argparse.Namespace) -> int:
+    home = args.home or Path(os.environ.get(HOME_ENV_VAR) or Path.cwd() / ".audience_pipeline")
+    return _run(load_feeds(args.feeds), home, feed_names=args.feed, timeout=args.timeout,
+                poll_interval=args.poll_interval, ephemeral=False)
+
+
+def _run(feeds, home: Path, *, feed_names, timeout: float, poll_interval: float, ephemeral: bool) -> int:
+    import dagster as dg
+
+    from audience_pipeline.definitions import build_definitions
+    from audience_pipeline.feeds.loader import register_feed_secrets
+    from audience_pipeline.redact import install_log_redaction
+    from audience_pipeline.runner import format_summaries, run_feeds
+
+    install_log_redaction()
+    register_feed_secrets(feeds)
+    defs = build_definitions(feeds, home)
+    if os.environ.get("DAGSTER_HOME") and not ephemeral:
+        instance = dg.DagsterInstance.get()
+    else:
+        (home / "dagster").mkdir(parents=True, exist_ok=True)
+        instance = dg.DagsterInstance.local_temp(tempdir=str(home / "dagster"))
+    try:
+        summaries = run_feeds(
+            defs, feeds, instance, feed_names=feed_names, timeout=timeout, poll_interval=poll_interval
+        )
+    finally:
+        instance.dispose()
+    print()
+    print(format_summaries(summaries) if summaries else "no new files")
+    return 1 if any(s.status in ("error", "timed_out") for s in summaries) else 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from audience_pipeline.csv_reader import CsvFileError
+    from audience_pipeline.normalize import MappingError
+    from audience_pipeline.reports import REPORT_COLUMNS, write_report
+    from audience_pipeline.validation import validate_file
+
+    feeds = load_feeds(args.feeds)
+    feed = next((f for f in feeds.feeds if f.name == args.feed), None)
+    if feed is None:
+        print(f"error: no feed {args.feed!r}; known: {[f.name for f in feeds.feeds]}", file=sys.stderr)
+        return 2
+    try:
+        result = validate_file(args.file, feed.mapping, default_region=feed.default_phone_region)
+    except (CsvFileError, MappingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: {result.source_rows} rows, {len(result.valid)} valid, {len(result.rejects)} rejected "
+          f"({result.rejection_rate:.2%}; feed threshold {feed.max_rejection_rate:.2%})")
+    for row in result.rejects.head(50).itertuples(index=False):
+        print(f"  line {row.source_line}: {row.reason}" + (f" [{row.value}]" if row.value else ""))
+    if len(result.rejects) > 50:
+        print(f"  … {len(result.rejects) - 50} more")
+    if args.out:
+        write_report(result.rejects.assign(stage="validation", outcome="rejected")[REPORT_COLUMNS], args.out)
+        print(f"rejected rows written to {args.out}")
+    return 0 if result.rejection_rate <= feed.max_rejection_rate else 1
+
+
+def _sandbox(args: argparse.Namespace) -> int:
+    from audience_pipeline.sandbox.app import SandboxSettings
+    from audience_pipeline.sandbox.server import serve_forever
+
+    settings = SandboxSettings(pace_seconds=args.pace)
+    print(f"Communicate XI: http://127.0.0.1:{args.port}/cxi  (X-GSCC-Api-Key: {settings.cxi_api_key})")
+    serve_forever("127.0.0.1", args.port, settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Run feeds once, in process, the way the Dagster daemon would: sensor ticks launch the runs.
+
+``audience-pipeline demo`` and ``sync`` use this so that a one-shot run exercises exactly the
+sensors, partitions, jobs, checks and run keys that ``dagster dev`` schedules, on any instance
+(ephemeral for the demo, ``$DAGSTER_HOME`` for sync so cursors and run keys persist).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import dagster as dg
+
+from audience_pipeline.assets import ACCOUNTING_CHECK, REJECTION_CHECK, FeedKeys, latest_metadata
+from audience_pipeline.feeds.model import FeedsFile
+from audience_pipeline.redact import redact
+
+RUN_KEY_TAG = "dagster/run_key"
+SENSOR_TAG = "dagster/sensor_name"
+
+
+@dataclass
+class PartitionSummary:
+    feed: str
+    partition: str
+    status: str = "pending"
+    message: str = ""
+    counts: dict[str, int] = field(default_factory=dict)
+    report_path: str | None = None
+    rejects_path: str | None = None
+
+
+@dataclass
+class SensorDriver:
+    """Evaluates sensors against an instance, keeps their cursors and launches their runs."""
+
+    defs: dg.Definitions
+    instance: dg.DagsterInstance
+    cursors: dict[str, str | None] = field(default_factory=dict)
+
+    def tick(self, sensor_name: str) -> list[dg.DagsterRun]:
+        sensor = self.defs.resolve_sensor_def(sensor_name)
+        context = dg.build_sensor_context(
+            instance=self.instance,
+            instance_ref=self.instance.get_ref() if self.instance.is_persistent else None,
+            cursor=self._cursor(sensor_name),
+            sensor_name=sensor_name,
+            definitions=self.defs,
+            resources=self.defs.resources,
+        )
+        result = sensor.evaluate_tick(context)
+        if result.cursor is not None:
+            self.cursors[sensor_name] = result.cursor
+            self._save_cursor(sensor_name, result.cursor)
+        for request in result.dynamic_partitions_requests or []:
+            if isinstance(request, dg.AddDynamicPartitionsRequest):
+                self.instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        runs = []
+        for request in result.run_requests or []:
+            if request.run_key and self._already_ran(sensor_name, request.run_key):
+                continue
+            job = self.defs.resolve_job_def(request.job_name or sensor.job_name)
+            tags = {**request.tags, SENSOR_TAG: sensor_name}
+            if request.run_key:
+                tags[RUN_KEY_TAG] = request.run_key
+            outcome = job.execute_in_process(
+                instance=self.instance, partition_key=request.partition_key, tags=tags, raise_on_error=False
+            )
+            runs.append(outcome.dagster_run)
+        return runs
+
+    def _already_ran(self, sensor_name: str, run_key: str) -> bool:
+        return bool(self.instance.get_run_ids(dg.RunsFilter(tags={SENSOR_TAG: sensor_name, RUN_KEY_TAG: run_key}), limit=1))
+
+    def _cursor(self, sensor_name: str) -> str | None:
+        if sensor_name not in self.cursors:
+            self.cursors[sensor_name] = self.instance.run_storage.get_cursor_values({f"sensor:{sensor_name}"}).get(
+                f"sensor:{sensor_name}"
+            )
+        return self.cursors[sensor_name]
+
+    def _save_cursor(self, sensor_name: str, cursor: str | None) -> None:
+        if cursor is not None:
+            self.instance.run_storage.set_cursor_values({f"sensor:{sensor_name}": cursor})
+
+
+def run_feeds(
+    defs: dg.Definitions,
+    feeds: FeedsFile,
+    instance: dg.DagsterInstance,
+    *,
+    feed_names: list[str] | None = None,
+    poll_interval: float = 1.0,
+    timeout: float = 600.0,
+    echo: Callable[[str], None] = print,
+) -> list[PartitionSummary]:
+    """New files -> ingest runs -> wait for the imports -> report runs; one summary per file."""
+    selected = [f for f in feeds.feeds if feed_names is None or f.name in feed_names]
+    unknown = set(feed_names or ()) - {f.name for f in selected}
+    if unknown:
+        raise ValueError(f"unknown feed(s): {', '.join(sorted(unknown))}; known: {[f.name for f in feeds.feeds]}")
+    driver = SensorDriver(defs, instance)
+    summaries: dict[tuple[str, str], PartitionSummary] = {}
+    all_keys = {f.name: FeedKeys(f, feeds) for f in selected}
+    for name, keys in all_keys.items():
+        for run in driver.tick(f"{name}__new_files"):
+            partition = run.tags.get("dagster/partition", "")
+            echo(f"[{name}] ingest run for {partition}: {run.status.value}")
+            summaries[(name, partition)] = _ingest_summary(instance, keys, partition, run)
+    waiting = {k for k, s in summaries.items() if s.status == "submitted"}
+    deadline = time.monotonic() + timeout
+    while waiting and time.monotonic() < deadline:
+        for name in {feed for feed, _ in waiting}:
+            for run in driver.tick(f"{name}__import_status"):
+                partition = run.tags.get("dagster/partition", "")
+                summaries[(name, partition)] = _report_summary(instance, all_keys[name], partition, run)
+                waiting.discard((name, partition))
+                echo(f"[{name}] failure report for {partition}: {run.status.value}")
+        if waiting:
+            time.sleep(poll_interval)
+    for key in waiting:
+        summaries[key].status = "timed_out"
+        summaries[key].message = f"import still running after {timeout:.0f} s; the status sensor will pick it up"
+    return list(summaries.values())
+
+
+def _run_error(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str:
+    records = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE).records
+    for record in records:
+        data = record.event_log_entry.dagster_event.event_specific_data
+        error = getattr(data, "error", None)
+        if error is not None:
+            return redact(error.message.strip().splitlines()[-1] if error.message else str(error))
+    return f"run {run.run_id} {run.status.value}"
+
+
+def _ingest_summary(instance: dg.DagsterInstance, keys: FeedKeys, partition: str, run: dg.DagsterRun) -> PartitionSummary:
+    summary = PartitionSummary(keys.feed.name, partition)
+    validation = latest_metadata(instance, keys.validated_rows, partition) or {}
+    summary.counts = {k: int(validation[k]) for k in ("source_rows", "rejected_rows") if k in validation}
+    rejects = latest_metadata(instance, keys.rejected_rows, partition) or {}
+    summary.rejects_path = rejects.get("rejects_csv")
+    check = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+        [dg.AssetCheckKey(keys.validated_rows, REJECTION_CHECK)]
+    ).get(dg.AssetCheckKey(keys.validated_rows, REJECTION_CHECK))
+    check_failed = check is not None and check.run_id == run.run_id and check.status.value == "FAILED"
+    if check_failed:
+        summary.status = "blocked"
+        summary.message = (
+            f"rejection rate above {keys.feed.max_rejection_rate:.1%}: nothing was sent; "
+            "fix the file (see the rejects) and drop it again"
+        )
+    elif run.status != dg.DagsterRunStatus.SUCCESS:
+        summary.status = "error"
+        summary.message = _run_error(instance, run)
+    else:
+        summary.status = "submitted"
+    return summary
+
+
+def _report_summary(instance: dg.DagsterInstance, keys: FeedKeys, partition: str, run: dg.DagsterRun) -> PartitionSummary:
+    summary = _ingest_summary_counts(instance, keys, partition)
+    if run.status != dg.DagsterRunStatus.SUCCESS:
+        summary.status, summary.message = "error", _run_error(instance, run)
+        return summary
+    report = latest_metadata(instance, keys.failure_report, partition) or {}
+    summary.counts = {
+        k: int(report[k])
+        for k in ("source_rows", "imported", "rejected_by_validation", "failed_at_target", "ignored_by_target")
+        if k in report
+    }
+    summary.report_path = report.get("report_path")
+    summary.status = str(report.get("vendor_status", "done"))
+    check = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+        [dg.AssetCheckKey(keys.failure_report, ACCOUNTING_CHECK)]
+    ).get(dg.AssetCheckKey(keys.failure_report, ACCOUNTING_CHECK))
+    if check is not None and check.status.value == "FAILED":
+        summary.message = "row accounting does not add up: see the failure_report asset check"
+    return summary
+
+
+def _ingest_summary_counts(instance: dg.DagsterInstance, keys: FeedKeys, partition: str) -> PartitionSummary:
+    summary = PartitionSummary(keys.feed.name, partition)
+    summary.rejects_path = (latest_metadata(instance, keys.rejected_rows, partition) or {}).get("rejects_csv")
+    return summary
+
+
+def format_summaries(summaries: list[PartitionSummary]) -> str:
+    header = f"{'feed':<22} {'file':<34} {'rows':>7} {'rejected':>8} {'imported':>8} {'failed':>6} {'ignored':>7}  status"
+    lines = [header, "-" * len(header)]
+    for s in summaries:
+        c = s.counts
+        lines.append(
+            f"{s.feed:<22} {s.partition:<34} {c.get('source_rows', '-'):>7} "
+            f"{c.get('rejected_by_validation', c.get('rejected_rows', '-')):>8} {c.get('imported', '-'):>8} "
+            f"{c.get('failed_at_target', '-'):>6} {c.get('ignored_by_target', '-'):>7}  {s.status}"
+        )
+        if s.message:
+            lines.append(f"    {s.message}")
+        if s.report_path:
+            lines.append(f"    failure report: {s.report_path}")
+        elif s.rejects_path:
+            lines.append(f"    rejected rows:  {s.rejects_path}")
+    return "\n".join(lines)

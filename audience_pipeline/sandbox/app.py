@@ -1,0 +1,137 @@
+"""The sandbox ASGI application: every emulated vendor under its own path prefix, plus control routes.
+
+Control routes (no API key, never affected by faults):
+
+- ``GET  /_sandbox/health`` → ``{"ok": true}``
+- ``POST /_sandbox/reset`` → forget all vendor state and pending faults
+- ``POST /_sandbox/faults`` → register a fault, see :func:`~audience_pipeline.sandbox.faults.parse_fault`
+- ``/_sandbox/<vendor>/...`` → a vendor's own control routes (e.g. CXI's "mark import in use")
+
+Nothing here logs request headers: they carry vendor API keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from json import JSONDecodeError
+from typing import Protocol, runtime_checkable
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import ASGIApp
+
+from audience_pipeline.sandbox.cxi import CxiVendor
+from audience_pipeline.sandbox.faults import (
+    CONTROL_PREFIX,
+    FaultMiddleware,
+    FaultRegistry,
+    error_response,
+    parse_fault,
+)
+
+
+@dataclass(frozen=True)
+class SandboxSettings:
+    """Knobs shared by all emulated vendors; tests shrink ``pace_seconds`` to stay fast."""
+
+    pace_seconds: float = 0.5
+    cxi_api_key: str = "sandbox-cxi-key"
+    max_upload_bytes: int = 200 * 1024 * 1024
+
+
+@runtime_checkable
+class SandboxVendor(Protocol):
+    """What the app needs from one emulated vendor, so vendors can be added without touching it."""
+
+    name: str
+    prefix: str
+
+    def routes(self) -> list[BaseRoute]:
+        """The vendor's public API, mounted under ``prefix``."""
+        ...
+
+    def control_routes(self) -> list[BaseRoute]:
+        """Test-only controls, mounted under ``/_sandbox/<name>``; may be empty."""
+        ...
+
+    def reset(self) -> None:
+        """Forget all state and stop background work."""
+        ...
+
+
+VENDORS: tuple[Callable[[SandboxSettings], SandboxVendor], ...] = (CxiVendor,)
+"""Factories for every emulated vendor; adding a vendor means adding it here."""
+
+
+def build_vendors(settings: SandboxSettings) -> list[SandboxVendor]:
+    """Instantiate every vendor in :data:`VENDORS` from one settings object."""
+    vendors = [factory(settings) for factory in VENDORS]
+    names = [vendor.name for vendor in vendors]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Duplicate sandbox vendor names: {names}")
+    return vendors
+
+
+class SandboxApp(Starlette):
+    """Starlette app whose outermost layer is the fault wrapper (it needs the server's raw ``send``)."""
+
+    def __init__(self, vendors: list[SandboxVendor], faults: FaultRegistry, routes: list[BaseRoute]) -> None:
+        super().__init__(routes=routes, exception_handlers={HTTPException: _http_error})
+        self.vendors = {vendor.name: vendor for vendor in vendors}
+        self.faults = faults
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return FaultMiddleware(super().build_middleware_stack(), self.faults)
+
+    def reset(self) -> None:
+        """Clear every vendor's state and all pending faults."""
+        self.faults.clear()
+        for vendor in self.vendors.values():
+            vendor.reset()
+
+
+def build_app(settings: SandboxSettings | None = None) -> SandboxApp:
+    """Assemble the sandbox: vendor mounts, control routes and the fault layer."""
+    settings = settings or SandboxSettings()
+    vendors = build_vendors(settings)
+    faults = FaultRegistry()
+    prefixes = {vendor.name: vendor.prefix for vendor in vendors}
+    app: SandboxApp
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    async def reset(request: Request) -> Response:
+        app.reset()
+        return JSONResponse({"ok": True})
+
+    async def add_fault(request: Request) -> Response:
+        try:
+            fault = parse_fault(await request.json(), prefixes)
+        except (JSONDecodeError, UnicodeDecodeError):
+            return error_response(400, "invalid_fault", "Body must be a JSON object")
+        except ValueError as exc:
+            return error_response(400, "invalid_fault", str(exc))
+        faults.add(fault)
+        return JSONResponse({"ok": True, "fault": fault.describe()}, status_code=201)
+
+    routes: list[BaseRoute] = [
+        Route(f"{CONTROL_PREFIX}/health", health, methods=["GET"]),
+        Route(f"{CONTROL_PREFIX}/reset", reset, methods=["POST"]),
+        Route(f"{CONTROL_PREFIX}/faults", add_fault, methods=["POST"]),
+    ]
+    routes += [Mount(f"{CONTROL_PREFIX}/{v.name}", routes=v.control_routes()) for v in vendors]
+    routes += [Mount(v.prefix, routes=v.routes()) for v in vendors]
+    app = SandboxApp(vendors, faults, routes)
+    return app
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Unknown paths and wrong methods answer in the same JSON error shape as everything else."""
+    assert isinstance(exc, HTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), exc.detail, exc.headers)
