@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 import tempfile
-from contextlib import ExitStack
 from pathlib import Path
 
 from audience_pipeline.feeds.loader import FEEDS_ENV_VAR, FeedsFileError, load_feeds
@@ -47,13 +47,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    home = args.home or Path(tempfile.mkdtemp(prefix="audience-demo-"))
+    return run_demo(home, pace=args.pace)
+
+
+def run_demo(home: Path, *, pace: float = 0.3, api_key: str | None = None) -> int:
+    """The bundled feeds against a sandbox started here, with a fresh random API key."""
     from audience_pipeline.sandbox.app import SandboxSettings
     from audience_pipeline.sandbox.server import SandboxServer
 
-    settings = SandboxSettings(pace_seconds=args.pace)
-    with ExitStack() as stack:
-        home = args.home or Path(tempfile.mkdtemp(prefix="audience-demo-"))
-        server = stack.enter_context(SandboxServer(settings))
+    settings = SandboxSettings(pace_seconds=pace, cxi_api_key=api_key or secrets.token_urlsafe(24))
+    with SandboxServer(settings) as server:
         os.environ["CXI_BASE_URL"] = server.vendor_url("cxi")
         os.environ["CXI_API_KEY"] = settings.cxi_api_key
         print(f"sandbox listening on {server.url}; working folder {home}")
@@ -126,7 +130,7 @@ def _sandbox(args: argparse.Namespace) -> int:
     from audience_pipeline.sandbox.server import serve_forever
 
     settings = SandboxSettings(pace_seconds=args.pace)
-    print(f"Communicate XI: http://127.0.0.1:{args.port}/cxi  (X-GSCC-Api-Key: {settings.cxi_api_key})")
+    print(f"Communicate XI: http://127.0.0.1:{args.port}/cxi  (API key: the sandbox default, see README)")
     serve_forever("127.0.0.1", args.port, settings)
     return 0
 

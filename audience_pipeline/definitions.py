@@ -29,13 +29,11 @@ def build_feed_definitions(feed: Feed, feeds: FeedsFile) -> dg.Definitions:
         selection=dg.AssetSelection.assets(
             keys.hr_file, keys.validated_rows, keys.rejected_rows, keys.import_job
         ),
-        partitions_def=keys.partitions,
         description=f"Stage, validate and import one HR file for feed {feed.name}.",
     )
     report_job = dg.define_asset_job(
         keys.report_job,
         selection=dg.AssetSelection.assets(keys.failure_report),
-        partitions_def=keys.partitions,
         description=f"Build the failure report of a finished import for feed {feed.name}.",
     )
     return dg.Definitions(

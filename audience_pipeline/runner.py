@@ -39,6 +39,7 @@ class SensorDriver:
     defs: dg.Definitions
     instance: dg.DagsterInstance
     cursors: dict[str, str | None] = field(default_factory=dict)
+    log_level: str = "INFO"
 
     def tick(self, sensor_name: str) -> list[dg.DagsterRun]:
         sensor = self.defs.resolve_sensor_def(sensor_name)
@@ -66,7 +67,11 @@ class SensorDriver:
             if request.run_key:
                 tags[RUN_KEY_TAG] = request.run_key
             outcome = job.execute_in_process(
-                instance=self.instance, partition_key=request.partition_key, tags=tags, raise_on_error=False
+                instance=self.instance,
+                partition_key=request.partition_key,
+                tags=tags,
+                raise_on_error=False,
+                run_config={"loggers": {"console": {"config": {"log_level": self.log_level}}}},
             )
             runs.append(outcome.dagster_run)
         return runs

@@ -1,0 +1,191 @@
+"""End to end through Dagster: sensor-added partitions, runs, the blocking check, the status
+sensor, the failure report and its accounting, against the sandbox over real HTTP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import dagster as dg
+import pytest
+
+from audience_pipeline.assets import ACCOUNTING_CHECK, REJECTION_CHECK, latest_metadata
+from audience_pipeline_tests.integration.conftest import DEMO_CSV, FEED, Pipeline
+
+pytestmark = pytest.mark.integration
+
+KEY = lambda *parts: dg.AssetKey([FEED, *parts])  # noqa: E731
+
+EXPECTED_REPORT = [
+    ("43", "E01041", "validation", "rejected", "Mobile Phone"),
+    ("60", "E01058", "validation", "rejected", "Email"),
+    ("76", "", "validation", "rejected", "Employee ID"),
+    ("94", "E01013", "validation", "rejected", "Employee ID"),
+    ("121", "E01119", "validation", "rejected", "Start Date"),
+    ("143", "E01141", "validation", "rejected", "Email / Mobile Phone"),
+    ("163", "E01161", "target", "failed", ""),
+    ("180", "E01178", "target", "failed", ""),
+]
+
+
+def _check(instance: dg.DagsterInstance, asset: str, name: str):
+    key = dg.AssetCheckKey(KEY(asset), name)
+    return instance.event_log_storage.get_latest_asset_check_execution_by_key([key]).get(key)
+
+
+def test_new_file_flows_to_failure_report(pipeline: Pipeline) -> None:
+    pipeline.drop("employees_2026-11-01.csv", DEMO_CSV)
+
+    runs = pipeline.ingest()
+
+    assert len(runs) == 1 and runs[0].is_success
+    partitions = pipeline.instance.get_dynamic_partitions(f"{FEED}__files")
+    assert len(partitions) == 1 and partitions[0].startswith("employees_2026-11-01.csv@")
+    partition = partitions[0]
+    assert runs[0].tags["dagster/partition"] == partition
+    assert runs[0].tags["dagster/run_key"] == partition
+    validation = latest_metadata(pipeline.instance, KEY("validated_rows"), partition)
+    assert validation["source_rows"] == 200
+    assert validation["rejected_rows"] == 6
+    assert validation["dagster/row_count"] == 194
+    assert _check(pipeline.instance, "validated_rows", REJECTION_CHECK).status.value == "SUCCEEDED"
+
+    report_runs = pipeline.wait_for_reports()
+
+    assert report_runs[0].is_success
+    handle = latest_metadata(pipeline.instance, KEY("import_job"), partition)["job_handle"]
+    assert report_runs[0].tags["dagster/run_key"] == f"{handle['jobs'][0]['job_id']}:failed"
+    report = latest_metadata(pipeline.instance, KEY("failure_report"), partition)
+    assert report["source_rows"] == 200
+    assert report["rejected_by_validation"] == 6
+    assert report["failed_at_target"] == 2
+    assert report["imported"] == 192
+    assert report["ignored_by_target"] == 0
+    assert report["dagster/row_count"] == 8
+    assert "| 163 | E01161 |" in report["preview"]
+    with open(report["report_path"], newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    got = [(r["source_line"], r["unique_id"], r["stage"], r["outcome"], r["column"]) for r in rows]
+    assert got == EXPECTED_REPORT
+    assert rows[6]["reason"] == "Email domain 'acme-corp.invalid' does not accept mail"
+    assert rows[3]["reason"] == "Employee ID duplicates a value first seen on line 14"
+    assert _check(pipeline.instance, "failure_report", ACCOUNTING_CHECK).status.value == "SUCCEEDED"
+
+    imports = pipeline.imports()
+    assert [i["name"] for i in imports] == ["All staff"]
+    assert imports[0]["uniqueIdFieldName"] == "unique_id"
+    assert pipeline.wait_for_reports(expected=0, timeout=0.3) == []
+
+
+def test_blocking_check_stops_a_broken_export(pipeline_factory) -> None:
+    pipeline = pipeline_factory(max_rejection_rate=0.02)
+    pipeline.drop("employees.csv", DEMO_CSV)
+
+    runs = pipeline.ingest()
+
+    partition = pipeline.instance.get_dynamic_partitions(f"{FEED}__files")[0]
+    check = _check(pipeline.instance, "validated_rows", REJECTION_CHECK)
+    assert check.status.value == "FAILED"
+    assert latest_metadata(pipeline.instance, KEY("rejected_rows"), partition)["dagster/row_count"] == 6
+    assert latest_metadata(pipeline.instance, KEY("import_job"), partition) is None
+    assert pipeline.imports() == []
+    assert runs[0].status in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE)
+    assert pipeline.wait_for_reports(expected=0, timeout=0.3) == []
+
+
+def test_same_content_is_not_imported_twice_and_new_content_updates_the_import(pipeline: Pipeline) -> None:
+    pipeline.drop("employees.csv", DEMO_CSV)
+    pipeline.ingest()
+    pipeline.wait_for_reports()
+    first_job = pipeline.imports()[0]["asyncJobId"]
+
+    assert pipeline.ingest() == []  # next tick: nothing new
+    partition = pipeline.instance.get_dynamic_partitions(f"{FEED}__files")[0]
+    rerun = pipeline.defs.resolve_job_def(f"{FEED}__ingest").execute_in_process(
+        instance=pipeline.instance, partition_key=partition
+    )  # a backfill of the same partition from the UI or CLI
+    assert rerun.success
+    reused = latest_metadata(pipeline.instance, KEY("import_job"), partition)
+    assert reused["reused_previous_import"] is True
+    assert pipeline.imports()[0]["asyncJobId"] == first_job
+    assert pipeline.wait_for_reports(expected=0, timeout=0.3) == []
+
+    changed = DEMO_CSV.read_text("utf-8").replace("Research &", "R&D &")
+    pipeline.drop("employees.csv", changed)
+    runs = pipeline.ingest()
+    assert len(runs) == 1 and runs[0].is_success
+    assert len(pipeline.instance.get_dynamic_partitions(f"{FEED}__files")) == 2
+    pipeline.wait_for_reports()
+    imports = pipeline.imports()
+    assert len(imports) == 1 and imports[0]["asyncJobId"] != first_job
+
+
+def test_status_sensor_keeps_a_small_cursor_and_requests_once(pipeline: Pipeline) -> None:
+    pipeline.drop("employees.csv", DEMO_CSV)
+    pipeline.ingest()
+    sensor = pipeline.defs.resolve_sensor_def(f"{FEED}__import_status")
+
+    def tick(cursor: str | None):
+        context = dg.build_sensor_context(
+            instance=pipeline.instance, instance_ref=pipeline.instance.get_ref(), cursor=cursor,
+            resources=pipeline.defs.resources, definitions=pipeline.defs,
+        )
+        return sensor.evaluate_tick(context)
+
+    pipeline.sandbox.add_fault(vendor="cxi", path_contains="/status", kind="status", status=404, times=1)
+    first = tick(None)  # the poll fails: the import stays in flight, the sensor does not crash
+    state = json.loads(first.cursor)
+    assert not first.run_requests
+    assert list(state) == ["after", "inflight"] and len(state["inflight"]) == 1
+    assert len(first.cursor) < 200
+    result, cursor = first, first.cursor
+    for _ in range(100):
+        result = tick(cursor)
+        cursor = result.cursor
+        if result.run_requests:
+            break
+        time.sleep(0.05)  # the sandbox moves the job on in the background
+    assert len(result.run_requests) == 1
+    assert result.run_requests[0].run_key.endswith(":failed")
+    assert json.loads(result.cursor)["inflight"] == {}
+    assert not tick(result.cursor).run_requests
+
+
+def test_unreadable_file_fails_with_file_and_reason(pipeline: Pipeline) -> None:
+    pipeline.drop("export.csv", b"PK\x03\x04 this is really a workbook")
+
+    runs = pipeline.ingest()
+
+    assert runs[0].status == dg.DagsterRunStatus.FAILURE
+    failures = pipeline.instance.get_records_for_run(
+        runs[0].run_id, of_type=dg.DagsterEventType.STEP_FAILURE
+    ).records
+    message = failures[0].event_log_entry.dagster_event.event_specific_data.error.message
+    assert "export.csv" in message and "xlsx" in message
+    assert pipeline.imports() == []
+
+
+def test_mapping_to_a_missing_header_names_it(pipeline: Pipeline) -> None:
+    pipeline.drop("renamed.csv", DEMO_CSV.read_text("utf-8").replace("Start Date", "Hire Date", 1))
+
+    runs = pipeline.ingest()
+
+    assert runs[0].status == dg.DagsterRunStatus.FAILURE
+    failures = pipeline.instance.get_records_for_run(
+        runs[0].run_id, of_type=dg.DagsterEventType.STEP_FAILURE
+    ).records
+    message = failures[0].event_log_entry.dagster_event.event_specific_data.error.message
+    assert "renamed.csv" in message and "'Start Date'" in message and "line 1" in message
+
+
+def test_source_that_is_down_skips_the_tick(pipeline: Pipeline) -> None:
+    pipeline.incoming.rmdir()
+    sensor = pipeline.defs.resolve_sensor_def(f"{FEED}__new_files")
+    cursor = '{"a.csv": [1, 2, "a.csv@0123456789"]}'
+    context = dg.build_sensor_context(instance=pipeline.instance, cursor=cursor,
+                                      resources=pipeline.defs.resources, definitions=pipeline.defs)
+    result = sensor.evaluate_tick(context)
+    assert not result.run_requests
+    assert "does not exist" in result.skip_message
+    assert result.cursor in (None, cursor)
