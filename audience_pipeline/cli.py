@@ -24,7 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     sync = sub.add_parser("sync", help="run your feeds once against their configured endpoints")
     sync.add_argument("--feeds", type=Path, help=f"feeds file (default: ${FEEDS_ENV_VAR})")
     sync.add_argument("--feed", action="append", help="only this feed (repeatable)")
-    sync.add_argument("--home", type=Path, help=f"working folder (default: ${HOME_ENV_VAR} or ./.audience_pipeline)")
+    sync.add_argument(
+        "--home", type=Path, help=f"working folder (default: ${HOME_ENV_VAR} or ./.audience_pipeline)"
+    )
     sync.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for imports to end")
     sync.add_argument("--poll-interval", type=float, default=10.0)
 
@@ -66,8 +68,14 @@ def run_demo(home: Path, *, pace: float = 0.3, api_key: str | None = None) -> in
 
 def _sync(args: argparse.Namespace) -> int:
     home = args.home or Path(os.environ.get(HOME_ENV_VAR) or Path.cwd() / ".audience_pipeline")
-    return _run(load_feeds(args.feeds), home, feed_names=args.feed, timeout=args.timeout,
-                poll_interval=args.poll_interval, ephemeral=False)
+    return _run(
+        load_feeds(args.feeds),
+        home,
+        feed_names=args.feed,
+        timeout=args.timeout,
+        poll_interval=args.poll_interval,
+        ephemeral=False,
+    )
 
 
 def _run(feeds, home: Path, *, feed_names, timeout: float, poll_interval: float, ephemeral: bool) -> int:
@@ -113,8 +121,10 @@ def _validate(args: argparse.Namespace) -> int:
     except (CsvFileError, MappingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"{args.file}: {result.source_rows} rows, {len(result.valid)} valid, {len(result.rejects)} rejected "
-          f"({result.rejection_rate:.2%}; feed threshold {feed.max_rejection_rate:.2%})")
+    print(
+        f"{args.file}: {result.source_rows} rows, {len(result.valid)} valid, {len(result.rejects)} rejected "
+        f"({result.rejection_rate:.2%}; feed threshold {feed.max_rejection_rate:.2%})"
+    )
     for row in result.rejects.head(50).itertuples(index=False):
         print(f"  line {row.source_line}: {row.reason}" + (f" [{row.value}]" if row.value else ""))
     if len(result.rejects) > 50:

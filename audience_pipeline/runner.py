@@ -57,7 +57,9 @@ class SensorDriver:
             self._save_cursor(sensor_name, result.cursor)
         for request in result.dynamic_partitions_requests or []:
             if isinstance(request, dg.AddDynamicPartitionsRequest):
-                self.instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+                self.instance.add_dynamic_partitions(
+                    request.partitions_def_name, list(request.partition_keys)
+                )
         runs = []
         for request in result.run_requests or []:
             if request.run_key and self._already_ran(sensor_name, request.run_key):
@@ -77,13 +79,17 @@ class SensorDriver:
         return runs
 
     def _already_ran(self, sensor_name: str, run_key: str) -> bool:
-        return bool(self.instance.get_run_ids(dg.RunsFilter(tags={SENSOR_TAG: sensor_name, RUN_KEY_TAG: run_key}), limit=1))
+        return bool(
+            self.instance.get_run_ids(
+                dg.RunsFilter(tags={SENSOR_TAG: sensor_name, RUN_KEY_TAG: run_key}), limit=1
+            )
+        )
 
     def _cursor(self, sensor_name: str) -> str | None:
         if sensor_name not in self.cursors:
-            self.cursors[sensor_name] = self.instance.run_storage.get_cursor_values({f"sensor:{sensor_name}"}).get(
-                f"sensor:{sensor_name}"
-            )
+            self.cursors[sensor_name] = self.instance.run_storage.get_cursor_values(
+                {f"sensor:{sensor_name}"}
+            ).get(f"sensor:{sensor_name}")
         return self.cursors[sensor_name]
 
     def _save_cursor(self, sensor_name: str, cursor: str | None) -> None:
@@ -105,7 +111,9 @@ def run_feeds(
     selected = [f for f in feeds.feeds if feed_names is None or f.name in feed_names]
     unknown = set(feed_names or ()) - {f.name for f in selected}
     if unknown:
-        raise ValueError(f"unknown feed(s): {', '.join(sorted(unknown))}; known: {[f.name for f in feeds.feeds]}")
+        raise ValueError(
+            f"unknown feed(s): {', '.join(sorted(unknown))}; known: {[f.name for f in feeds.feeds]}"
+        )
     driver = SensorDriver(defs, instance)
     summaries: dict[tuple[str, str], PartitionSummary] = {}
     all_keys = {f.name: FeedKeys(f, feeds) for f in selected}
@@ -127,7 +135,9 @@ def run_feeds(
             time.sleep(poll_interval)
     for key in waiting:
         summaries[key].status = "timed_out"
-        summaries[key].message = f"import still running after {timeout:.0f} s; the status sensor will pick it up"
+        summaries[
+            key
+        ].message = f"import still running after {timeout:.0f} s; the status sensor will pick it up"
     return list(summaries.values())
 
 
@@ -141,59 +151,65 @@ def _run_error(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str:
     return f"run {run.run_id} {run.status.value}"
 
 
-def _ingest_summary(instance: dg.DagsterInstance, keys: FeedKeys, partition: str, run: dg.DagsterRun) -> PartitionSummary:
+def _check_failed(instance: dg.DagsterInstance, asset: dg.AssetKey, name: str, run_id: str) -> bool:
+    key = dg.AssetCheckKey(asset, name)
+    check = instance.event_log_storage.get_latest_asset_check_execution_by_key([key]).get(key)
+    return check is not None and check.run_id == run_id and check.status.value == "FAILED"
+
+
+def _summary(instance: dg.DagsterInstance, keys: FeedKeys, partition: str) -> PartitionSummary:
     summary = PartitionSummary(keys.feed.name, partition)
-    validation = latest_metadata(instance, keys.validated_rows, partition) or {}
-    summary.counts = {k: int(validation[k]) for k in ("source_rows", "rejected_rows") if k in validation}
     rejects = latest_metadata(instance, keys.rejected_rows, partition) or {}
     summary.rejects_path = rejects.get("rejects_csv")
-    check = instance.event_log_storage.get_latest_asset_check_execution_by_key(
-        [dg.AssetCheckKey(keys.validated_rows, REJECTION_CHECK)]
-    ).get(dg.AssetCheckKey(keys.validated_rows, REJECTION_CHECK))
-    check_failed = check is not None and check.run_id == run.run_id and check.status.value == "FAILED"
-    if check_failed:
+    return summary
+
+
+def _ingest_summary(
+    instance: dg.DagsterInstance, keys: FeedKeys, partition: str, run: dg.DagsterRun
+) -> PartitionSummary:
+    summary = _summary(instance, keys, partition)
+    validation = latest_metadata(instance, keys.validated_rows, partition) or {}
+    summary.counts = {k: int(validation[k]) for k in ("source_rows", "rejected_rows") if k in validation}
+    if _check_failed(instance, keys.validated_rows, REJECTION_CHECK, run.run_id):
         summary.status = "blocked"
         summary.message = (
             f"rejection rate above {keys.feed.max_rejection_rate:.1%}: nothing was sent; "
             "fix the file (see the rejects) and drop it again"
         )
     elif run.status != dg.DagsterRunStatus.SUCCESS:
-        summary.status = "error"
-        summary.message = _run_error(instance, run)
+        summary.status, summary.message = "error", _run_error(instance, run)
     else:
         summary.status = "submitted"
     return summary
 
 
-def _report_summary(instance: dg.DagsterInstance, keys: FeedKeys, partition: str, run: dg.DagsterRun) -> PartitionSummary:
-    summary = _ingest_summary_counts(instance, keys, partition)
+REPORT_COUNTS = ("source_rows", "imported", "rejected_by_validation", "failed_at_target", "ignored_by_target")
+
+
+def _report_summary(
+    instance: dg.DagsterInstance, keys: FeedKeys, partition: str, run: dg.DagsterRun
+) -> PartitionSummary:
+    summary = _summary(instance, keys, partition)
     if run.status != dg.DagsterRunStatus.SUCCESS:
         summary.status, summary.message = "error", _run_error(instance, run)
         return summary
     report = latest_metadata(instance, keys.failure_report, partition) or {}
-    summary.counts = {
-        k: int(report[k])
-        for k in ("source_rows", "imported", "rejected_by_validation", "failed_at_target", "ignored_by_target")
-        if k in report
-    }
+    summary.counts = {k: int(report[k]) for k in REPORT_COUNTS if k in report}
     summary.report_path = report.get("report_path")
     summary.status = str(report.get("vendor_status", "done"))
-    check = instance.event_log_storage.get_latest_asset_check_execution_by_key(
-        [dg.AssetCheckKey(keys.failure_report, ACCOUNTING_CHECK)]
-    ).get(dg.AssetCheckKey(keys.failure_report, ACCOUNTING_CHECK))
-    if check is not None and check.status.value == "FAILED":
+    failed = summary.counts.get("failed_at_target", 0)
+    if failed:
+        summary.message = f"{failed} row(s) refused by the destination; the others were imported"
+    if _check_failed(instance, keys.failure_report, ACCOUNTING_CHECK, run.run_id):
         summary.message = "row accounting does not add up: see the failure_report asset check"
     return summary
 
 
-def _ingest_summary_counts(instance: dg.DagsterInstance, keys: FeedKeys, partition: str) -> PartitionSummary:
-    summary = PartitionSummary(keys.feed.name, partition)
-    summary.rejects_path = (latest_metadata(instance, keys.rejected_rows, partition) or {}).get("rejects_csv")
-    return summary
-
-
 def format_summaries(summaries: list[PartitionSummary]) -> str:
-    header = f"{'feed':<22} {'file':<34} {'rows':>7} {'rejected':>8} {'imported':>8} {'failed':>6} {'ignored':>7}  status"
+    header = (
+        f"{'feed':<22} {'file':<34} {'rows':>7} {'rejected':>8} {'imported':>8} {'failed':>6} "
+        f"{'ignored':>7}  status"
+    )
     lines = [header, "-" * len(header)]
     for s in summaries:
         c = s.counts

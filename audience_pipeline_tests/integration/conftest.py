@@ -77,7 +77,9 @@ def write_feeds(root: Path, *, max_rejection_rate: float = 0.05, extra_mapping: 
     text = text.replace("path: incoming ", f"path: {root / 'incoming'} ")
     text = text.replace("max_rejection_rate: 0.05", f"max_rejection_rate: {max_rejection_rate}")
     if extra_mapping:
-        text = text.replace("        office_city: Office City\n", f"        office_city: Office City\n{extra_mapping}")
+        text = text.replace(
+            "        office_city: Office City\n", f"        office_city: Office City\n{extra_mapping}"
+        )
     path = root / "feeds.yaml"
     path.write_text(text, "utf-8")
     return path
@@ -99,8 +101,15 @@ def pipeline_factory(tmp_path: Path, sandbox_server: SandboxServer, monkeypatch:
         cm = dg.instance_for_test(temp_dir=str(root / "dagster"))
         instance = cm.__enter__()
         stack.append(cm)
-        return Pipeline(root, root / "incoming", feeds, defs, instance,
-                        SensorDriver(defs, instance, log_level="WARNING"), sandbox_server)
+        return Pipeline(
+            root,
+            root / "incoming",
+            feeds,
+            defs,
+            instance,
+            SensorDriver(defs, instance, log_level="WARNING"),
+            sandbox_server,
+        )
 
     yield make
     for cm in stack:

@@ -128,8 +128,11 @@ def test_status_sensor_keeps_a_small_cursor_and_requests_once(pipeline: Pipeline
 
     def tick(cursor: str | None):
         context = dg.build_sensor_context(
-            instance=pipeline.instance, instance_ref=pipeline.instance.get_ref(), cursor=cursor,
-            resources=pipeline.defs.resources, definitions=pipeline.defs,
+            instance=pipeline.instance,
+            instance_ref=pipeline.instance.get_ref(),
+            cursor=cursor,
+            resources=pipeline.defs.resources,
+            definitions=pipeline.defs,
         )
         return sensor.evaluate_tick(context)
 
@@ -183,8 +186,12 @@ def test_source_that_is_down_skips_the_tick(pipeline: Pipeline) -> None:
     pipeline.incoming.rmdir()
     sensor = pipeline.defs.resolve_sensor_def(f"{FEED}__new_files")
     cursor = '{"a.csv": [1, 2, "a.csv@0123456789"]}'
-    context = dg.build_sensor_context(instance=pipeline.instance, cursor=cursor,
-                                      resources=pipeline.defs.resources, definitions=pipeline.defs)
+    context = dg.build_sensor_context(
+        instance=pipeline.instance,
+        cursor=cursor,
+        resources=pipeline.defs.resources,
+        definitions=pipeline.defs,
+    )
     result = sensor.evaluate_tick(context)
     assert not result.run_requests
     assert "does not exist" in result.skip_message
