@@ -28,6 +28,7 @@ def build_new_file_sensor(keys: FeedKeys, ingest_job: UnresolvedAssetJobDefiniti
         name=f"{keys.feed.name}__new_files",
         job=ingest_job,
         minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.RUNNING,
         required_resource_keys={keys.source_resource},
         description="Adds a partition for every new or changed file in the source and runs it.",
     )
@@ -64,7 +65,8 @@ def build_status_sensor(keys: FeedKeys, report_job: UnresolvedAssetJobDefinition
     @dg.sensor(
         name=f"{keys.feed.name}__import_status",
         job=report_job,
-        minimum_interval_seconds=30,
+        minimum_interval_seconds=15,
+        default_status=dg.DefaultSensorStatus.RUNNING,
         required_resource_keys={keys.destination_resource},
         description="Polls in-flight imports and requests the failure report when one ends.",
     )
