@@ -3,9 +3,11 @@
 The fast path is ``pyarrow.csv`` (multi-threaded). Its rows carry no line numbers, so we derive
 them: line = 2 + row index + newlines embedded in earlier rows' quoted values. That is exact only
 when the file has no blank lines and no malformed rows, which we verify by counting the file's
-newlines. When the check fails (or pyarrow reported a row with the wrong number of fields) we
-re-read with Python's ``csv`` module, which knows every record's line, and turn malformed rows
-into rejects instead of failing the whole file. Clean files, the common case, never pay for it.
+newlines (values are searched for embedded newlines only when the file has more lines than
+rows, so a plain file costs one numpy pass over its bytes). When the check fails (or pyarrow
+reported a row with the wrong number of fields) we re-read with Python's ``csv`` module, which
+knows every record's line, and turn malformed rows into rejects instead of failing the whole
+file. Clean files, the common case, never pay for it.
 """
 
 from __future__ import annotations
@@ -118,11 +120,14 @@ def _check_headers(path: Path, headers: list[str]) -> None:
 
 
 def _count_newlines(path: Path) -> tuple[int, bool]:
-    """Newlines in the file and whether it ends with one, counted in 16 MB slices of an mmap."""
-    step = 16 << 20
+    """Newlines in the file and whether it ends with one: numpy over an mmap, in 8 MB slices."""
+    step = 8 << 20
     with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        count = sum(mm[i : i + step].count(b"\n") for i in range(0, len(mm), step))
-        return count, mm[-1:] == b"\n"
+        data = np.frombuffer(mm, dtype=np.uint8)
+        count = sum(int(np.count_nonzero(data[i : i + step] == 0x0A)) for i in range(0, len(data), step))
+        trailing = bool(data[-1] == 0x0A)
+        del data  # the mmap cannot close while a view of it exists
+        return count, trailing
 
 
 def _fast_parse(path: Path, headers: list[str], delimiter: str, encoding: str) -> ParsedCsv | None:
@@ -135,7 +140,7 @@ def _fast_parse(path: Path, headers: list[str], delimiter: str, encoding: str) -
     try:
         table = pacsv.read_csv(
             path,
-            read_options=pacsv.ReadOptions(column_names=headers, skip_rows=1),
+            read_options=pacsv.ReadOptions(column_names=headers, skip_rows=1, use_threads=False),
             parse_options=pacsv.ParseOptions(
                 delimiter=delimiter, newlines_in_values=True, invalid_row_handler=on_invalid
             ),
@@ -150,12 +155,14 @@ def _fast_parse(path: Path, headers: list[str], delimiter: str, encoding: str) -
     if invalid:
         return None
     newlines, trailing = _count_newlines(path)
-    embedded = _embedded_newlines(table)
-    expected_lines = 1 + table.num_rows + int(embedded.sum())
-    if newlines + (0 if trailing else 1) != expected_lines:
-        return None
-    offsets = np.concatenate(([0], np.cumsum(embedded[:-1]))) if table.num_rows else embedded
-    lines = np.arange(2, table.num_rows + 2, dtype=np.int64) + offsets
+    lines_in_file = newlines + (0 if trailing else 1)
+    lines = np.arange(2, table.num_rows + 2, dtype=np.int64)
+    if lines_in_file != 1 + table.num_rows:
+        # Only now can values hold newlines (a file without them has exactly one line per row).
+        embedded = _embedded_newlines(table)
+        if lines_in_file != 1 + table.num_rows + int(embedded.sum()):
+            return None
+        lines[1:] += np.cumsum(embedded[:-1])
     return ParsedCsv(path, headers, table, lines, encoding, delimiter)
 
 

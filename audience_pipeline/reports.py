@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -20,6 +21,8 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 @dataclass
 class RowAccounting:
+    """Where every source row went; ``balanced`` is the check that none was lost or counted twice."""
+
     source_rows: int
     rejected: int
     submitted: int
@@ -45,7 +48,11 @@ class RowAccounting:
 
 
 def build_report(rejects: pd.DataFrame, outcome: JobOutcome, submitted: pd.DataFrame) -> pd.DataFrame:
-    """``submitted`` needs ``source_line`` and ``unique_id`` in the order the rows were sent."""
+    """One row per rejected or failed source row, in file order, so a person can fix the export.
+
+    ``submitted`` needs ``source_line`` and ``unique_id`` in the order the rows were sent, because
+    a vendor failure only knows its row position.
+    """
     validation = pd.DataFrame(
         {
             "source_line": rejects["source_line"].astype("int64"),
@@ -57,11 +64,11 @@ def build_report(rejects: pd.DataFrame, outcome: JobOutcome, submitted: pd.DataF
             "reason": rejects["reason"].astype("str"),
         }
     )
-    rows = [f.row for f in outcome.failures]
+    sent = submitted.iloc[[f.row for f in outcome.failures]].reset_index(drop=True)
     vendor = pd.DataFrame(
         {
-            "source_line": submitted["source_line"].to_numpy()[rows].astype("int64"),
-            "unique_id": submitted["unique_id"].to_numpy()[rows].astype(str),
+            "source_line": sent["source_line"].astype("int64"),
+            "unique_id": sent["unique_id"].astype("str"),
             "stage": "target",
             "outcome": [f.outcome for f in outcome.failures],
             "column": "",
@@ -79,9 +86,13 @@ def build_report(rejects: pd.DataFrame, outcome: JobOutcome, submitted: pd.DataF
 
 
 def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """Text cells that a spreadsheet would run as a formula get a leading apostrophe.
+
+    Numeric columns are left alone: ``-3`` is a number there, not a formula, and must stay one.
+    """
     safe = frame.copy()
     for column in safe.columns:
-        if safe[column].dtype == "int64":
+        if pd.api.types.is_numeric_dtype(safe[column].dtype):
             continue
         values = safe[column].astype("str")
         risky = values.str.startswith(_FORMULA_START)
@@ -90,25 +101,34 @@ def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_report(report: pd.DataFrame, path: Path) -> Path:
+    """Write ``report`` as a spreadsheet-safe UTF-8 CSV (missing values as empty cells)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     spreadsheet_safe(report).to_csv(path, index=False, encoding="utf-8")
     return path
 
 
 def markdown_preview(report: pd.DataFrame, limit: int = 20) -> str:
+    """The first ``limit`` rows as a Markdown table for the Dagster UI; the CSV has them all."""
     if report.empty:
         return "_No rejected or failed rows._"
     head = report.head(limit)
     lines = ["| line | id | stage | column | reason |", "|---:|---|---|---|---|"]
     for row in head.itertuples(index=False):
         cells = [
-            str(row.source_line),
-            str(row.unique_id),
-            f"{row.stage}/{row.outcome}",
-            str(row.column),
-            str(row.reason),
+            _cell(row.source_line),
+            _cell(row.unique_id),
+            f"{_cell(row.stage)}/{_cell(row.outcome)}",
+            _cell(row.column),
+            _cell(row.reason),
         ]
-        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
-    if len(report) > limit:
-        lines.append(f"\n_{len(report) - limit} more rows in failures.csv_")
+        lines.append("| " + " | ".join(cells) + " |")
+    more = len(report) - limit
+    if more > 0:
+        lines.append(f"\n_{more} more {'row' if more == 1 else 'rows'} in the CSV report_")
     return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    """A table cell: missing values blank (not ``nan``), pipes escaped, on one line."""
+    text = "" if pd.isna(value) else str(value)
+    return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")

@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pandera.pandas as pa
+import pyarrow as pa_arrow
+import pyarrow.compute as pc
 
 from audience_pipeline.csv_reader import ParsedCsv, read_csv
 from audience_pipeline.feeds.model import FieldMapping
 from audience_pipeline.normalize import normalize
-from audience_pipeline.schemas.employee import REASONS, employee_schema, first_seen_index
+from audience_pipeline.schemas.employee import REASONS, employee_schema
 
 REJECT_COLUMNS = ["source_line", "unique_id", "column", "value", "reason"]
 
@@ -39,9 +41,11 @@ class ValidationResult:
 
 
 def validate_file(path: Path | str, mapping: FieldMapping, *, default_region: str = "US") -> ValidationResult:
+    """Parse, normalise and validate ``path``; every data record ends up in ``valid`` or ``rejects``."""
     parsed = read_csv(path)
-    frame = normalize(parsed, mapping, default_region=default_region)
-    valid, rejects = validate_frame(frame, mapping)
+    frame = normalize(parsed, mapping, default_region=default_region, release=True)
+    valid, rejects = _validate(frame, mapping, consume=True)
+    del frame
     rejects = pd.concat([_malformed_rejects(parsed), rejects], ignore_index=True)
     rejects = rejects.sort_values("source_line", kind="stable", ignore_index=True)
     return ValidationResult(
@@ -55,44 +59,78 @@ def validate_file(path: Path | str, mapping: FieldMapping, *, default_region: st
 
 
 def validate_frame(frame: pd.DataFrame, mapping: FieldMapping) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split a normalised frame into valid rows (fresh ``RangeIndex``) and one reject per bad row."""
+    return _validate(frame, mapping, consume=False)
+
+
+def _validate(
+    frame: pd.DataFrame, mapping: FieldMapping, *, consume: bool
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``consume=True`` empties ``frame`` column by column while copying out the valid rows, so that
+    a large file is never held twice."""
     schema = employee_schema(mapping)
     try:
         schema.validate(frame, lazy=True, inplace=True)
     except pa.errors.SchemaErrors as exc:
         rejects = _rejects_from_failures(frame, exc.failure_cases, mapping)
+        del exc  # its traceback references the frame and pandera's intermediate results
         bad = np.zeros(len(frame), dtype=bool)
-        bad[frame.index.get_indexer(rejects.pop("row_pos"))] = True
-        return frame.loc[~bad].reset_index(drop=True), rejects
-    return frame, pd.DataFrame(
+        bad[rejects.pop("row_pos").to_numpy()] = True
+        return _keep_rows(frame, ~bad, consume=consume), rejects
+    return frame, _empty_rejects()
+
+
+def _keep_rows(frame: pd.DataFrame, keep: np.ndarray, *, consume: bool) -> pd.DataFrame:
+    """The rows where ``keep`` is true, filtered with Arrow kernels for the Arrow-backed columns."""
+    mask = pa_arrow.array(keep)
+    columns: dict[str, pd.Series] = {}
+    for name in list(frame.columns):
+        series = frame.pop(name) if consume else frame[name]
+        dtype = series.dtype
+        if isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow":
+            columns[name] = pd.Series(dtype.__from_arrow__(_arrow(series).filter(mask)), copy=False)
+        else:
+            columns[name] = pd.Series(series.to_numpy()[keep])
+        del series
+    return pd.DataFrame(columns, copy=False)
+
+
+def _arrow(series: pd.Series) -> pa_arrow.ChunkedArray | pa_arrow.Array:
+    return pa_arrow.array(series, type=pa_arrow.large_string(), from_pandas=True)
+
+
+def _empty_rejects() -> pd.DataFrame:
+    return pd.DataFrame(
         {c: pd.Series(dtype="int64" if c == "source_line" else "str") for c in REJECT_COLUMNS}
     )
 
 
 def _rejects_from_failures(frame: pd.DataFrame, cases: pd.DataFrame, mapping: FieldMapping) -> pd.DataFrame:
+    """One row per failing frame row (``row_pos``), its problems joined with "; " in schema order."""
     schema_errors = cases[cases["index"].isna()]
     if len(schema_errors):
         problems = "; ".join(f"{r.column}: {r.check}" for r in schema_errors.itertuples())
         raise ValueError(f"normalised frame does not match the schema: {problems}")
     headers = mapping.canonical_headers()
-    frame_level = cases["schema_context"] == "DataFrameSchema"
-    cases = cases.assign(
-        row_pos=cases["index"].astype("int64"),
-        column=cases["column"].where(~frame_level, None),
-    )
-    cases = cases.drop_duplicates(["row_pos", "column", "check"], ignore_index=True)
-    positions = frame.index.get_indexer(cases["row_pos"])
-    first_lines: np.ndarray | None = None
-    if (cases["check"] == "unique_value").any():
-        first = first_seen_index(frame["unique_id"])
-        first_lines = frame["source_line"].to_numpy()[first]
+    frame_level = (cases["schema_context"] == "DataFrameSchema").to_numpy()
+    positions = frame.index.get_indexer(cases["index"].astype("int64"))
+    columns = [None if f else c for f, c in zip(frame_level, cases["column"].tolist(), strict=True)]
+    checks = [str(c) for c in cases["check"].tolist()]
+    first_lines = _first_lines(frame, positions[np.array(checks) == "unique_value"]) if checks else {}
     lines = frame["source_line"].to_numpy()
-    records = []
-    for case, pos in zip(cases.itertuples(index=False), positions, strict=True):
-        column = case.column if case.column in headers else None
-        check = str(case.check)
+    rows: dict[int, tuple[list[str], list[str], list[str]]] = {}
+    seen: set[tuple[int, str | None, str]] = set()
+    for pos, column, check, raw in zip(
+        positions, columns, checks, cases["failure_case"].tolist(), strict=True
+    ):
+        pos = int(pos)
+        if (pos, column, check) in seen:
+            continue
+        seen.add((pos, column, check))
+        column = column if column in headers else None
         reason = REASONS.get(check, check)
-        if check == "unique_value" and first_lines is not None:
-            reason = reason.format(first_line=int(first_lines[pos]))
+        if check == "unique_value":
+            reason = reason.format(first_line=first_lines[pos])
         elif check == "iso_date":
             spec = mapping.attributes.get(str(column))
             reason = reason.format(
@@ -104,19 +142,42 @@ def _rejects_from_failures(frame: pd.DataFrame, cases: pd.DataFrame, mapping: Fi
             reason = f"both empty: the row {reason}"
         else:
             label = headers[column]
-            raw = case.failure_case
             value = "" if raw is None or (isinstance(raw, float) and np.isnan(raw)) else str(raw)
-        records.append((case.row_pos, int(lines[pos]), label, value, f"{label} {reason}"))
-    long = pd.DataFrame(records, columns=["row_pos", "source_line", "column", "value", "reason"])
-    grouped = long.groupby("row_pos", sort=False).agg(
-        source_line=("source_line", "first"),
-        column=("column", "; ".join),
-        value=("value", "; ".join),
-        reason=("reason", "; ".join),
+        labels, values, reasons = rows.setdefault(pos, ([], [], []))
+        labels.append(label)
+        values.append(value)
+        reasons.append(f"{label} {reason}")
+    row_pos = np.fromiter(rows, dtype=np.int64, count=len(rows))
+    ids = _arrow(frame["unique_id"]).take(pa_arrow.array(row_pos)).to_pylist()
+    return pd.DataFrame(
+        {
+            "row_pos": row_pos,
+            "source_line": lines[row_pos].astype("int64"),
+            "unique_id": pd.Series([v or "" for v in ids], dtype="str"),
+            "column": pd.Series(["; ".join(r[0]) for r in rows.values()], dtype="str"),
+            "value": pd.Series(["; ".join(r[1]) for r in rows.values()], dtype="str"),
+            "reason": pd.Series(["; ".join(r[2]) for r in rows.values()], dtype="str"),
+        }
     )
-    grouped["unique_id"] = frame["unique_id"].reindex(grouped.index).fillna("").astype("str").to_numpy()
-    grouped = grouped.reset_index()
-    return grouped[["row_pos", *REJECT_COLUMNS]]
+
+
+def _first_lines(frame: pd.DataFrame, duplicates: np.ndarray) -> dict[int, int]:
+    """Source line of the first row with the same ``unique_id``, for each duplicate position.
+
+    Only the duplicated values are looked up (one ``is_in`` pass), instead of indexing the column
+    again as the schema's uniqueness check did.
+    """
+    if not len(duplicates):
+        return {}
+    ids = _arrow(frame["unique_id"])
+    wanted = pc.unique(ids.take(pa_arrow.array(duplicates)))
+    involved = np.flatnonzero(pc.is_in(ids, value_set=wanted).to_numpy(zero_copy_only=False))
+    first: dict[str, int] = {}
+    for pos, value in zip(involved.tolist(), ids.take(pa_arrow.array(involved)).to_pylist(), strict=True):
+        first.setdefault(value, pos)
+    lines = frame["source_line"].to_numpy()
+    values = ids.take(pa_arrow.array(duplicates)).to_pylist()
+    return {int(p): int(lines[first[v]]) for p, v in zip(duplicates.tolist(), values, strict=True)}
 
 
 def _malformed_rejects(parsed: ParsedCsv) -> pd.DataFrame:

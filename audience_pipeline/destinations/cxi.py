@@ -10,18 +10,18 @@ Protocol choices where the vendor document is vague (the sandbox agrees with eac
   ``line``, the 1-based line of the uploaded file with the header as line 1. Normalisation puts
   every row on one line, so line ``n`` is submitted row ``n - 2``.
 - Uploaded headers are the feed's canonical column names, not the HR file's, so audiences built
-  in CXI survive a change of HR system.
+  in CXI survive a change of HR system. Cells are quoted only when they must be, because a
+  field name is matched against the header text and a naive parser would keep the quotes.
+- Several ``errorMessages`` for one line become one failure with the messages joined; a line
+  outside the upload (or none) is kept as a note, since it cannot be tied to a row.
 """
 
 from __future__ import annotations
 
-import io
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import dagster as dg
 import pandas as pd
-import pyarrow as pa
-import pyarrow.csv as pacsv
 from pydantic import BaseModel, ConfigDict, Field
 
 from audience_pipeline.destinations.base import (
@@ -32,7 +32,7 @@ from audience_pipeline.destinations.base import (
     JobStatus,
     RowFailure,
 )
-from audience_pipeline.destinations.http import VendorHTTP, VendorHTTPError
+from audience_pipeline.destinations.http import VendorError, VendorHTTP, VendorHTTPError
 
 VENDOR = "communicate_xi"
 IMPORTS = "/public-api/audience-imports"
@@ -56,6 +56,48 @@ class CxiOptions(BaseModel):
     name_field: str | None = "first_name"
     unique_id_field: str | None = "unique_id"
 
+    def field_params(self, columns: list[str], *, creating: bool) -> dict[str, str]:
+        """The ``*FieldName`` form fields, for the columns the upload really has.
+
+        Defaults that name an unmapped column are left out; ``uniqueIdFieldName`` only on create,
+        because the API refuses it on update.
+        """
+        wanted = {
+            "emailFieldName": self.email_field,
+            "mobilePhoneFieldName": self.mobile_phone_field,
+            "nameFieldName": self.name_field,
+        }
+        if creating:
+            wanted["uniqueIdFieldName"] = self.unique_id_field
+        return {k: v for k, v in wanted.items() if v and v in columns}
+
+    def column_problems(self, columns: list[str]) -> list[tuple[str | None, str]]:
+        """``(option key or None, problem)`` for field options the feed's columns cannot satisfy.
+
+        Run when the feeds file loads, so a misnamed column fails there and not at the vendor.
+        """
+        problems: list[tuple[str | None, str]] = []
+        for key in ("email_field", "mobile_phone_field", "name_field", "unique_id_field"):
+            value = getattr(self, key)
+            if key in self.model_fields_set and value is not None and value not in columns:
+                problems.append(
+                    (
+                        key,
+                        f"{value!r} is not a column of this feed; options name the feed's canonical "
+                        f"columns: {columns}",
+                    )
+                )
+        params = self.field_params(columns, creating=True)
+        if not problems and "emailFieldName" not in params and "mobilePhoneFieldName" not in params:
+            problems.append(
+                (
+                    None,
+                    "Communicate XI needs an email or mobile phone column: set email_field or "
+                    f"mobile_phone_field to one of {columns}",
+                )
+            )
+        return problems
+
 
 class CommunicateXIClient:
     vendor: ClassVar[str] = VENDOR
@@ -68,21 +110,15 @@ class CommunicateXIClient:
         self.http.close()
 
     def _field_params(self, columns: list[str], *, creating: bool) -> dict[str, str]:
-        wanted = {
-            "emailFieldName": self.options.email_field,
-            "mobilePhoneFieldName": self.options.mobile_phone_field,
-            "nameFieldName": self.options.name_field,
-        }
-        if creating:
-            wanted["uniqueIdFieldName"] = self.options.unique_id_field
-        params = {k: v for k, v in wanted.items() if v and v in columns}
+        params = self.options.field_params(columns, creating=creating)
         if "emailFieldName" not in params and "mobilePhoneFieldName" not in params:
             raise ValueError(
                 f"Communicate XI needs an email or mobile phone column; the feed sends {columns}"
             )
         return params
 
-    def find_import(self, name: str) -> dict | None:
+    def find_import(self, name: str) -> dict[str, Any] | None:
+        """The import called ``name``, so a lost id never turns into a second import."""
         body = self.http.json("GET", IMPORTS)
         for item in body["data"]["audienceImports"]:
             if item.get("name") == name:
@@ -90,20 +126,23 @@ class CommunicateXIClient:
         return None
 
     def submit(self, rows: pd.DataFrame, *, feed: str, partition: str) -> JobHandle:
+        """Create the import on first use, else PUT the new file to it (a 409 on create = raced)."""
         columns = [c for c in rows.columns if c != "source_line"]
         payload = to_csv_bytes(rows[columns])
         file_name = self.options.file_name or f"{feed}.csv"
         existing = self.find_import(self.options.import_name)
         created = existing is None
-        if created:
+        if existing is None:
             try:
                 data = self._upload("POST", IMPORTS, payload, file_name, columns, creating=True)
             except VendorHTTPError as exc:
                 if exc.status != 409:
                     raise
-                existing, created = self.find_import(self.options.import_name), False
-        if not created:
-            assert existing is not None
+                existing = self.find_import(self.options.import_name)
+                if existing is None:
+                    raise  # the conflict is not a same-named import we could update
+                created = False
+        if existing is not None:
             data = self._upload(
                 "PUT", f"{IMPORTS}/{existing['id']}", payload, file_name, columns, creating=False
             )
@@ -123,16 +162,21 @@ class CommunicateXIClient:
 
     def _upload(
         self, method: str, path: str, payload: bytes, file_name: str, columns: list[str], *, creating: bool
-    ) -> dict:
+    ) -> dict[str, Any]:
         form = {"name": self.options.import_name, **self._field_params(columns, creating=creating)}
-        response = self.http.request(
+        body = self.http.json(
             method,
             path,
             data=form,
             files={"file": (file_name, payload, "text/csv")},
             idempotent=method == "PUT",
         )
-        return response.json()["data"]
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, dict) or not data.get("asyncJobId") or not data.get("id"):
+            raise VendorError(
+                VENDOR, method, path, code="unexpected_response", detail="no import id or asyncJobId"
+            )
+        return data
 
     def status(self, handle: JobHandle) -> JobStatus:
         job = handle.jobs[0]
@@ -147,20 +191,19 @@ class CommunicateXIClient:
     def outcome(self, handle: JobHandle) -> JobOutcome:
         job = handle.jobs[0]
         data = self.http.json("GET", f"{IMPORTS}/async-jobs/{job.job_id}/failures")["data"]
-        failures: dict[int, str] = {}
+        failures: dict[int, list[str]] = {}
         notes: list[str] = []
         for item in data.get("errorMessages") or []:
-            row = int(item["line"]) - 2
-            if 0 <= row < job.row_count:
-                failures[job.first_row + row] = str(item.get("error") or "rejected by Communicate XI")
+            error = str(item.get("error") or "rejected by Communicate XI")
+            row = _line_to_row(item.get("line"))
+            if row is not None and row < job.row_count:
+                failures.setdefault(job.first_row + row, []).append(error)
             else:
-                notes.append(
-                    f"vendor reported line {item.get('line')} outside the upload: {item.get('error')}"
-                )
+                notes.append(f"vendor reported line {item.get('line')} outside the upload: {error}")
         processed = int(data.get("numOfRowsProcessed") or 0)
         if data.get("status") == "failed" and not failures and processed == 0:
             reason = "Communicate XI import job failed without row details"
-            failures = {job.first_row + i: reason for i in range(job.row_count)}
+            failures = {job.first_row + i: [reason] for i in range(job.row_count)}
         counts = {
             "total": int(data.get("totalNumOfRows") or 0),
             "processed": processed,
@@ -168,18 +211,25 @@ class CommunicateXIClient:
         }
         return JobOutcome(
             submitted=handle.submitted_rows,
-            failures=[RowFailure(row=r, reason=msg) for r, msg in sorted(failures.items())],
+            failures=[RowFailure(row=r, reason="; ".join(msgs)) for r, msgs in sorted(failures.items())],
             vendor_counts=counts,
             notes=notes,
         )
 
 
+def _line_to_row(line: object) -> int | None:
+    """Uploaded line (header = 1) to submitted row; ``None`` for the header, line 0 or garbage."""
+    try:
+        row = int(str(line)) - 2
+    except ValueError:
+        return None
+    return row if row >= 0 else None
+
+
 def to_csv_bytes(frame: pd.DataFrame) -> bytes:
-    """CSV with quoting only where needed; nulls become empty cells."""
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    sink = io.BytesIO()
-    pacsv.write_csv(table, sink, write_options=pacsv.WriteOptions(quoting_style="needed"))
-    return sink.getvalue()
+    """UTF-8 CSV, quoting only cells that need it (pyarrow's "needed" quotes every string and
+    header); nulls become empty cells and every row is one line."""
+    return frame.to_csv(index=False, lineterminator="\n", na_rep="").encode("utf-8")
 
 
 class CommunicateXIResource(dg.ConfigurableResource):

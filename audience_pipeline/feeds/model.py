@@ -131,21 +131,30 @@ class FeedsFile(StrictModel):
 
     @model_validator(mode="after")
     def _references(self) -> FeedsFile:
-        names: set[str] = set()
+        """Cross-references, all reported at once, one ``key.path: problem`` per line.
+
+        A model validator cannot attach a location to its error, so each line carries its own.
+        """
+        problems: list[str] = []
+        names: dict[str, int] = {}
         for i, feed in enumerate(self.feeds):
             if feed.name in names:
-                raise ValueError(f"feeds[{i}].name: duplicate feed name {feed.name!r}")
-            names.add(feed.name)
+                problems.append(
+                    f"feeds[{i}].name: duplicate feed name {feed.name!r} (also feeds[{names[feed.name]}])"
+                )
+            names.setdefault(feed.name, i)
             if feed.source not in self.sources:
-                raise ValueError(
+                problems.append(
                     f"feeds[{i}].source: unknown source {feed.source!r}; "
                     f"expected one of {sorted(self.sources)}"
                 )
             if feed.destination not in self.destinations:
-                raise ValueError(
+                problems.append(
                     f"feeds[{i}].destination: unknown destination {feed.destination!r}; "
                     f"expected one of {sorted(self.destinations)}"
                 )
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     def source_for(self, feed: Feed) -> SourceConfig:

@@ -1,12 +1,17 @@
 """The canonical employee record as a pandera schema, built per feed mapping.
 
-Checks are vectorised ``pyarrow.compute`` kernels on the frame's own ``str`` dtype: pandera's
-built-in ``str_matches`` and ``unique`` cost several times more per million rows, and any dtype
-the frame does not already have would make pandera coerce element by element (PERF-NOTES).
+Checks are vectorised ``pyarrow.compute`` kernels (or numpy over the Arrow buffers) on the frame's
+own ``str`` dtype, whose ``large_string`` storage they read without a copy: pandera's built-in
+``str_matches`` and ``unique`` cost several times more per million rows, and any dtype the frame
+does not already have would make pandera coerce element by element (PERF-NOTES). Every check
+passes nulls itself (nullability is pandera's own check), so they run with ``ignore_na=False``:
+otherwise pandera copies each nullable column without its nulls before calling the check.
 Each check has a stable name; :data:`REASONS` turns it into a sentence a person can act on.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -15,9 +20,15 @@ import pyarrow as arrow
 import pyarrow.compute as pc
 
 from audience_pipeline.feeds.model import AttributeSpec, FieldMapping
-from audience_pipeline.normalize import E164_PATTERN, parse_dates
+from audience_pipeline.normalize import (
+    E164_PATTERN as E164_PATTERN,
+)  # re-exported: the rule e164_mask applies
+from audience_pipeline.normalize import e164_mask, iso_date_mask
 
-EMAIL_PATTERN = r"^[a-z0-9.!#$%&'*+/=?^_`{|}~-]+@[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+$"
+EMAIL_PATTERN = (
+    r"^[a-z0-9.!#$%&'*+/=?^_`{|}~-]+@"
+    r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+$"
+)
 MAX_TEXT_LENGTH = 255
 
 REASONS: dict[str, str] = {
@@ -34,8 +45,9 @@ REASONS: dict[str, str] = {
 }
 
 
-def _arrow(series: pd.Series) -> arrow.Array:
-    return arrow.array(series, type=arrow.string(), from_pandas=True)
+def _arrow(series: pd.Series) -> arrow.Array | arrow.ChunkedArray:
+    """The series as Arrow strings; zero-copy for the ``str`` dtype (its storage is large_string)."""
+    return arrow.array(series, type=arrow.large_string(), from_pandas=True)
 
 
 def _mask(result: arrow.Array | arrow.ChunkedArray, index: pd.Index) -> pd.Series:
@@ -47,52 +59,82 @@ def _regex_check(name: str, pattern: str) -> pa.Check:
         ok = pc.fill_null(pc.match_substring_regex(_arrow(series), pattern), True)
         return _mask(ok, series.index)
 
-    return pa.Check(check, name=name, error=name)
+    return pa.Check(check, name=name, error=name, ignore_na=False)
+
+
+def _codes(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Dictionary codes (-1 for null) and, per distinct value, the position of its first row.
+
+    The positions are int32 while they fit: on a million rows every temporary counts (the
+    uniqueness check is where validation peaks in memory).
+    """
+    values = _arrow(series)
+    encoded = pc.dictionary_encode(values)
+    chunks = encoded.chunks if isinstance(encoded, arrow.ChunkedArray) else [encoded]
+    if len({(c.dictionary.buffers()[1].address, len(c.dictionary)) for c in chunks}) > 1:
+        # Chunks encoded against different dictionaries: encode the column as one array instead.
+        chunks = [pc.dictionary_encode(values.combine_chunks())]
+    size = len(chunks[0].dictionary) if chunks else 0
+    index_type = np.int32 if len(series) < 2**31 else np.int64
+    codes = np.concatenate(
+        [pc.fill_null(c.indices, -1).to_numpy(zero_copy_only=False).astype(index_type) for c in chunks]
+        or [np.zeros(0, dtype=index_type)]
+    )
+    positions = np.arange(len(codes), dtype=index_type)
+    first = np.full(size, len(codes), dtype=index_type)
+    valid = codes >= 0
+    if valid.all():
+        np.minimum.at(first, codes, positions)
+    else:
+        np.minimum.at(first, codes[valid], positions[valid])
+    return codes, first
 
 
 def first_seen_index(series: pd.Series) -> np.ndarray:
     """Position of each value's first occurrence (nulls point at themselves)."""
-    encoded = pc.dictionary_encode(_arrow(series))
-    if isinstance(encoded, arrow.ChunkedArray):
-        encoded = encoded.combine_chunks()
-    codes = pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
-    positions = np.arange(len(series))
+    codes, first = _codes(series)
+    out = np.arange(len(codes), dtype=np.int64)
     valid = codes >= 0
-    first = np.full(len(encoded.dictionary), len(series), dtype=np.int64)
-    np.minimum.at(first, codes[valid], positions[valid])
-    out = positions.copy()
     out[valid] = first[codes[valid]]
     return out
 
 
 def _unique_check() -> pa.Check:
     def check(series: pd.Series) -> pd.Series:
-        first = first_seen_index(series)
-        return pd.Series(first == np.arange(len(series)), index=series.index)
+        codes, first = _codes(series)
+        is_first = first[codes] == np.arange(len(codes), dtype=codes.dtype)
+        is_first[codes < 0] = True  # nulls are the not_nullable check's business
+        return pd.Series(is_first, index=series.index)
 
-    return pa.Check(check, name="unique_value", error="unique_value")
+    return pa.Check(check, name="unique_value", error="unique_value", ignore_na=False)
 
 
-def _date_check(spec: AttributeSpec) -> pa.Check:
+def _mask_check(name: str, valid: Callable[[arrow.ChunkedArray | arrow.Array], np.ndarray]) -> pa.Check:
+    """A check from a byte-level validity mask of :mod:`normalize` (nulls pass)."""
+
     def check(series: pd.Series) -> pd.Series:
         values = _arrow(series)
-        parsed = parse_dates(values, "%Y-%m-%d")
-        return _mask(pc.or_(pc.is_null(values), pc.is_valid(parsed)), series.index)
+        null = pc.is_null(values).to_numpy(zero_copy_only=False)
+        return pd.Series(null | valid(values), index=series.index)
 
-    return pa.Check(check, name="iso_date", error="iso_date")
+    return pa.Check(check, name=name, error=name, ignore_na=False)
 
 
 def _length_check() -> pa.Check:
     def check(series: pd.Series) -> pd.Series:
-        ok = pc.fill_null(pc.less_equal(pc.utf8_length(_arrow(series)), MAX_TEXT_LENGTH), True)
+        values = _arrow(series)
+        # Bytes >= characters: when no value has more bytes than the limit, skip counting characters.
+        if (pc.max(pc.binary_length(values)).as_py() or 0) <= MAX_TEXT_LENGTH:
+            return pd.Series(True, index=series.index)
+        ok = pc.fill_null(pc.less_equal(pc.utf8_length(values), MAX_TEXT_LENGTH), True)
         return _mask(ok, series.index)
 
-    return pa.Check(check, name="text_length", error="text_length")
+    return pa.Check(check, name="text_length", error="text_length", ignore_na=False)
 
 
 def _attribute_checks(spec: AttributeSpec) -> list[pa.Check]:
     if spec.type == "date":
-        return [_date_check(spec)]
+        return [_mask_check("iso_date", iso_date_mask)]
     if spec.type == "integer":
         return [_regex_check("integer", r"^-?[0-9]+$")]
     if spec.type == "number":
@@ -123,7 +165,7 @@ def employee_schema(mapping: FieldMapping) -> pa.DataFrameSchema:
         )
     if mapping.mobile_phone:
         columns["mobile_phone"] = pa.Column(
-            "str", nullable=both_channels, checks=[_regex_check("e164_phone", E164_PATTERN)]
+            "str", nullable=both_channels, checks=[_mask_check("e164_phone", e164_mask)]
         )
     for name in ("first_name", "last_name"):
         if getattr(mapping, name):
