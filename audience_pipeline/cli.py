@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import secrets
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from audience_pipeline.feeds.loader import FEEDS_ENV_VAR, FeedsFileError, load_feeds
 from audience_pipeline.storage import HOME_ENV_VAR
+
+if TYPE_CHECKING:
+    from audience_pipeline.sandbox.app import SandboxSettings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,17 +58,32 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(home, pace=args.pace)
 
 
-def run_demo(home: Path, *, pace: float = 0.3, api_key: str | None = None) -> int:
-    """The bundled feeds against a sandbox started here, with a fresh random API key."""
+def run_demo(home: Path, *, pace: float = 0.3, settings: SandboxSettings | None = None) -> int:
+    """The bundled feeds against a sandbox started here, with fresh random credentials unless
+    ``settings`` (tests) fixes them."""
     from audience_pipeline.sandbox.app import SandboxSettings
     from audience_pipeline.sandbox.server import SandboxServer
 
-    settings = SandboxSettings(pace_seconds=pace, cxi_api_key=api_key or secrets.token_urlsafe(24))
+    settings = settings or random_credentials(SandboxSettings(pace_seconds=pace))
     with SandboxServer(settings) as server:
-        os.environ["CXI_BASE_URL"] = server.vendor_url("cxi")
-        os.environ["CXI_API_KEY"] = settings.cxi_api_key
+        for name, vendor in server.app.vendors.items():
+            os.environ.update(vendor.demo_env(server.vendor_url(name)))
         print(f"sandbox listening on {server.url}; working folder {home}")
         return _run(load_feeds(), home, feed_names=None, timeout=120.0, poll_interval=0.2, ephemeral=True)
+
+
+SECRET_FIELD_SUFFIXES = ("_key", "_secret", "_token", "_client_id", "_api_user")
+
+
+def random_credentials(settings: SandboxSettings) -> SandboxSettings:
+    """Fresh random values for every sandbox credential, so no demo run shares a secret with another
+    and a leak test can look for values that appear nowhere else."""
+    fresh = {
+        f.name: secrets.token_urlsafe(24)
+        for f in dataclasses.fields(settings)
+        if f.name.endswith(SECRET_FIELD_SUFFIXES)
+    }
+    return dataclasses.replace(settings, **fresh)
 
 
 def _sync(args: argparse.Namespace) -> int:

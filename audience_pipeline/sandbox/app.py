@@ -41,6 +41,15 @@ class SandboxSettings:
     pace_seconds: float = 0.5
     cxi_api_key: str = "sandbox-cxi-key"
     max_upload_bytes: int = 200 * 1024 * 1024
+    aep_client_id: str = "sandbox-aep-api-key"
+    aep_client_secret: str = "sandbox-aep-secret"
+    aep_org_id: str = "SANDBOX0123456789@AdobeOrg"
+    aep_sandbox_name: str = "prod"
+    apsis_client_id: str = "sandbox-apsis-client"
+    apsis_client_secret: str = "sandbox-apsis-secret"
+    yesmail_api_user: str = "sandbox-yesmail-user"
+    yesmail_api_key: str = "sandbox-yesmail-key"
+    altcraft_token: str = "sandbox-altcraft-token"
 
 
 @runtime_checkable
@@ -60,6 +69,11 @@ class SandboxVendor(Protocol):
 
     def reset(self) -> None:
         """Forget all state and stop background work."""
+        ...
+
+    def demo_env(self, base_url: str) -> dict[str, str]:
+        """Environment variables the demo feeds file reads to reach this vendor at ``base_url``
+        (the vendor's prefix included) with this sandbox's credentials."""
         ...
 
 

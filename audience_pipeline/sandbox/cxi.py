@@ -371,6 +371,9 @@ class CxiVendor:
     def control_routes(self) -> list[BaseRoute]:
         return [Route("/imports/{import_id}/in-use", self._set_in_use, methods=["POST"])]
 
+    def demo_env(self, base_url: str) -> dict[str, str]:
+        return {"CXI_BASE_URL": base_url, "CXI_API_KEY": self._api_key}
+
     def reset(self) -> None:
         with self._lock:
             jobs = list(self._jobs.values())

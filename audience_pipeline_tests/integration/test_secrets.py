@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
-from audience_pipeline.cli import run_demo
+from audience_pipeline.cli import SECRET_FIELD_SUFFIXES, random_credentials, run_demo
+from audience_pipeline.sandbox import SandboxSettings
 from audience_pipeline_tests.integration.conftest import DEMO_CSV, FEED, Pipeline
 
 pytestmark = pytest.mark.integration
-
-SECRET = "sk-demo-9c1f7e2ab4d84f06a1"
 
 
 def _files_containing(root: Path, needle: bytes) -> list[Path]:
@@ -33,26 +33,34 @@ def _all_event_text(instance: dg.DagsterInstance) -> str:
 def test_full_demo_run_leaks_no_secret(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd, caplog
 ) -> None:
-    monkeypatch.setenv("CXI_BASE_URL", "unset")
-    monkeypatch.setenv("CXI_API_KEY", "unset")
+    settings = random_credentials(SandboxSettings(pace_seconds=0.05))
+    secrets = [
+        getattr(settings, f.name)
+        for f in dataclasses.fields(settings)
+        if f.name.endswith(SECRET_FIELD_SUFFIXES)
+    ]
+    assert len(secrets) >= 8 and all(len(s) >= 20 for s in secrets)
+    for name in ("CXI_BASE_URL", "CXI_API_KEY"):
+        monkeypatch.setenv(name, "unset")
     caplog.set_level(logging.DEBUG)
 
-    code = run_demo(tmp_path, pace=0.05, api_key=SECRET)
+    code = run_demo(tmp_path, settings=settings)
 
     out, err = capfd.readouterr()
     assert code == 0, out + err
     assert "failure report:" in out and "192" in out
-    assert SECRET not in out and SECRET not in err
-    assert SECRET not in caplog.text
     assert (tmp_path / "dagster").is_dir() and list((tmp_path / "reports").rglob("failures.csv"))
-    assert _files_containing(tmp_path, SECRET.encode()) == []
     instance = dg.DagsterInstance.local_temp(tempdir=str(tmp_path / "dagster"))
     try:
         text = _all_event_text(instance)
     finally:
         instance.dispose()
     assert "failure_report" in text
-    assert SECRET not in text
+    for secret in secrets:
+        assert secret not in out and secret not in err
+        assert secret not in caplog.text
+        assert _files_containing(tmp_path, secret.encode()) == []
+        assert secret not in text
 
 
 def test_rejected_api_key_is_not_echoed(pipeline_factory, monkeypatch: pytest.MonkeyPatch, caplog) -> None:

@@ -1,0 +1,59 @@
+"""Fixtures shared across test folders: a real S3 (moto's server mode) on 127.0.0.1."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+S3_REGION = "us-east-1"
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """moto's S3 over real HTTP: clients reach it with ``endpoint_url`` and any credentials."""
+
+    endpoint_url: str
+    access_key_id: str = "testing-access-key"
+    secret_access_key: str = "testing-secret-key-3b9f2c"
+    region: str = S3_REGION
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
+            region_name=self.region,
+        )
+
+    def reset(self) -> None:
+        """Drop every bucket (moto's reset route), so tests do not see each other's objects."""
+        import httpx
+
+        httpx.post(f"{self.endpoint_url}/moto-api/reset", timeout=5).raise_for_status()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """One moto server per test session, bound to 127.0.0.1 on a free port."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield S3Server(endpoint_url=f"http://{host}:{port}")
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: S3Server) -> S3Server:
+    """The shared S3 server, emptied before the test."""
+    s3_server.reset()
+    return s3_server
