@@ -142,7 +142,13 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
     )
     def validate(context: dg.AssetExecutionContext, hr_file: StagedFile) -> Iterator:
         try:
-            result = validate_file(hr_file.path, feed.mapping, default_region=feed.default_phone_region)
+            result = validate_file(
+                hr_file.path,
+                feed.mapping,
+                default_region=feed.default_phone_region,
+                allow_empty=feed.allow_empty,
+                max_file_bytes=feed.max_file_bytes,
+            )
         except (CsvFileError, MappingError) as exc:
             raise dg.Failure(description=str(exc), allow_retries=False) from None
         rate = result.rejection_rate

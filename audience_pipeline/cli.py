@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import os
 import secrets
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -137,7 +138,13 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"error: no feed {args.feed!r}; known: {[f.name for f in feeds.feeds]}", file=sys.stderr)
         return 2
     try:
-        result = validate_file(args.file, feed.mapping, default_region=feed.default_phone_region)
+        result = validate_file(
+            args.file,
+            feed.mapping,
+            default_region=feed.default_phone_region,
+            allow_empty=feed.allow_empty,
+            max_file_bytes=feed.max_file_bytes,
+        )
     except (CsvFileError, MappingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -156,11 +163,15 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _sandbox(args: argparse.Namespace) -> int:
-    from audience_pipeline.sandbox.app import SandboxSettings
+    from audience_pipeline.sandbox.app import SandboxSettings, build_vendors
     from audience_pipeline.sandbox.server import serve_forever
 
     settings = SandboxSettings(pace_seconds=args.pace)
-    print(f"Communicate XI: http://127.0.0.1:{args.port}/cxi  (API key: the sandbox default, see README)")
+    base = f"http://127.0.0.1:{args.port}"
+    print(f"sandbox on {base}; for `dagster dev` with the demo feeds, export (sandbox-only credentials):")
+    for vendor in build_vendors(settings):
+        for var, value in vendor.demo_env(base + vendor.prefix).items():
+            print(f"export {var}={shlex.quote(value)}")
     serve_forever("127.0.0.1", args.port, settings)
     return 0
 

@@ -12,7 +12,7 @@ from audience_pipeline.destinations.registry import build_resource
 from audience_pipeline.feeds.loader import load_feeds, register_feed_secrets
 from audience_pipeline.feeds.model import Feed, FeedsFile
 from audience_pipeline.redact import install_log_redaction
-from audience_pipeline.sensors import build_new_file_sensor, build_status_sensor
+from audience_pipeline.sensors import build_arrival_automation, build_status_sensor
 from audience_pipeline.sources.registry import build_source_resource
 from audience_pipeline.storage import HOME_ENV_VAR, AudienceIOManager, PipelineStorage
 
@@ -36,10 +36,12 @@ def build_feed_definitions(feed: Feed, feeds: FeedsFile) -> dg.Definitions:
         selection=dg.AssetSelection.assets(keys.failure_report),
         description=f"Build the failure report of a finished import for feed {feed.name}.",
     )
+    arrival_sensors, arrival_schedules = build_arrival_automation(keys, ingest_job, feeds.source_for(feed))
     return dg.Definitions(
         assets=build_feed_assets(feed, feeds),
         jobs=[ingest_job, report_job],
-        sensors=[build_new_file_sensor(keys, ingest_job), build_status_sensor(keys, report_job)],
+        sensors=[*arrival_sensors, build_status_sensor(keys, report_job)],
+        schedules=arrival_schedules,
     )
 
 

@@ -214,7 +214,12 @@ def normalize_phones(values: pa.ChunkedArray, default_region: str) -> pa.Chunked
 def _normalize_non_e164(values: pa.Array, region: str) -> pa.Array:
     stripped = pc.replace_substring_regex(values, _PHONE_PUNCTUATION, "")
     stripped = pc.replace_substring_regex(stripped, r"^00", "+")
-    done = pc.match_substring_regex(stripped, E164_PATTERN).to_numpy(zero_copy_only=False)
+    # "+44 (0)20 …": a bracketed trunk prefix is dropped when dialling from abroad, except where the
+    # country keeps it (Italy); only the metadata knows, so those values go to phonenumbers.
+    done = pc.and_(
+        pc.match_substring_regex(stripped, E164_PATTERN),
+        pc.invert(pc.match_substring(values, "(0)")),
+    ).to_numpy(zero_copy_only=False)
     result = pc.if_else(pa.array(done), stripped, values)
     pending = ~done
     national = pending & pc.and_(
@@ -276,8 +281,9 @@ def _replace_rows(values: pa.Array, rows: np.ndarray, replacements: pa.Array) ->
 
 
 def _parse_phone(value: str, region: str) -> str:
+    """E.164, or ``value`` unchanged when it is not a valid number; a leading ``00`` counts as ``+``."""
     try:
-        number = phonenumbers.parse(value, region)
+        number = phonenumbers.parse("+" + value[2:] if value.startswith("00") else value, region)
     except phonenumbers.NumberParseException:
         return value
     if not phonenumbers.is_valid_number(number):
@@ -449,8 +455,14 @@ def parse_dates(values: pa.ChunkedArray | pa.Array, fmt: str | None) -> pa.Chunk
         real = pa.array(iso_date_mask(values))
         return pc.cast(pc.if_else(real, values, pa.scalar(None, values.type)), pa.timestamp("s"))
     parsed = pc.strptime(values, format=fmt, unit="s", error_is_null=True)
-    same = pc.equal(pc.strftime(parsed, format=fmt), values)
+    # strptime also reads unpadded numbers and any letter case ("1/2/2021", "5 FEB 2021"), so those
+    # are compared without leading zeros, in lower case.
+    same = pc.equal(_date_text_key(pc.strftime(parsed, format=fmt)), _date_text_key(values))
     return pc.if_else(pc.fill_null(same, False), parsed, pa.scalar(None, parsed.type))
+
+
+def _date_text_key(values: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    return pc.utf8_lower(pc.replace_substring_regex(values, r"(^|[^0-9])0+([0-9])", r"\1\2"))
 
 
 def iso_date_mask(values: pa.ChunkedArray | pa.Array) -> np.ndarray:

@@ -10,15 +10,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import dagster as dg
 
 from audience_pipeline.assets import ACCOUNTING_CHECK, REJECTION_CHECK, FeedKeys, latest_metadata
 from audience_pipeline.feeds.model import FeedsFile
 from audience_pipeline.redact import redact
+from audience_pipeline.sensors import NEW_FILES_SUFFIX, files_settling, report_schedule_name
 
 RUN_KEY_TAG = "dagster/run_key"
 SENSOR_TAG = "dagster/sensor_name"
+SCHEDULE_TAG = "dagster/schedule_name"
 
 
 @dataclass
@@ -34,15 +37,51 @@ class PartitionSummary:
 
 @dataclass
 class SensorDriver:
-    """Evaluates sensors against an instance, keeps their cursors and launches their runs."""
+    """Evaluates sensors and schedules against an instance, keeps sensor cursors and launches runs.
+
+    A new-file sensor that leaves files settling (first sighting of a file still being written,
+    or just copied) is evaluated once more after ``settle_seconds``: the daemon would do that on
+    its next tick, and a one-shot ``demo``/``sync`` should not wait for another invocation.
+    """
 
     defs: dg.Definitions
     instance: dg.DagsterInstance
     cursors: dict[str, str | None] = field(default_factory=dict)
     log_level: str = "INFO"
+    settle_seconds: float = 1.0
 
     def tick(self, sensor_name: str) -> list[dg.DagsterRun]:
         sensor = self.defs.resolve_sensor_def(sensor_name)
+        requests = self._evaluate(sensor, sensor_name)
+        if (
+            self.settle_seconds > 0
+            and sensor_name.endswith(NEW_FILES_SUFFIX)
+            and files_settling(self.cursors.get(sensor_name))
+        ):
+            time.sleep(self.settle_seconds)
+            requests += self._evaluate(sensor, sensor_name)
+        return self._launch(requests, sensor.job_name, SENSOR_TAG, sensor_name)
+
+    def tick_schedule(self, schedule_name: str) -> list[dg.DagsterRun]:
+        """One evaluation of a schedule now, whatever its cron says (``sync`` means "now")."""
+        schedule = self.defs.resolve_schedule_def(schedule_name)
+        with dg.build_schedule_context(  # closing it disposes the instance it opens from the ref
+            instance=self.instance,
+            scheduled_execution_time=datetime.now(UTC),
+            resources=self.defs.resources,
+            repository_def=self.defs.get_repository_def(),
+        ) as context:
+            result = schedule.evaluate_tick(context)
+        return self._launch(list(result.run_requests or []), schedule.job_name, SCHEDULE_TAG, schedule_name)
+
+    def discover(self, feed_name: str) -> list[dg.DagsterRun]:
+        """Tick whatever brings a feed's new files: its report schedule, else its new-file sensor."""
+        schedule_names = {s.name for s in self.defs.schedules or []}
+        if report_schedule_name(feed_name) in schedule_names:
+            return self.tick_schedule(report_schedule_name(feed_name))
+        return self.tick(f"{feed_name}{NEW_FILES_SUFFIX}")
+
+    def _evaluate(self, sensor: dg.SensorDefinition, sensor_name: str) -> list[dg.RunRequest]:
         context = dg.build_sensor_context(
             instance=self.instance,
             instance_ref=self.instance.get_ref() if self.instance.is_persistent else None,
@@ -60,12 +99,17 @@ class SensorDriver:
                 self.instance.add_dynamic_partitions(
                     request.partitions_def_name, list(request.partition_keys)
                 )
+        return list(result.run_requests or [])
+
+    def _launch(
+        self, requests: list[dg.RunRequest], default_job: str | None, origin_tag: str, origin: str
+    ) -> list[dg.DagsterRun]:
         runs = []
-        for request in result.run_requests or []:
-            if request.run_key and self._already_ran(sensor_name, request.run_key):
+        for request in requests:
+            if request.run_key and self._already_ran(origin_tag, origin, request.run_key):
                 continue
-            job = self.defs.resolve_job_def(request.job_name or sensor.job_name)
-            tags = {**request.tags, SENSOR_TAG: sensor_name}
+            job = self.defs.resolve_job_def(request.job_name or default_job)
+            tags = {**request.tags, origin_tag: origin}
             if request.run_key:
                 tags[RUN_KEY_TAG] = request.run_key
             outcome = job.execute_in_process(
@@ -78,11 +122,9 @@ class SensorDriver:
             runs.append(outcome.dagster_run)
         return runs
 
-    def _already_ran(self, sensor_name: str, run_key: str) -> bool:
+    def _already_ran(self, origin_tag: str, origin: str, run_key: str) -> bool:
         return bool(
-            self.instance.get_run_ids(
-                dg.RunsFilter(tags={SENSOR_TAG: sensor_name, RUN_KEY_TAG: run_key}), limit=1
-            )
+            self.instance.get_run_ids(dg.RunsFilter(tags={origin_tag: origin, RUN_KEY_TAG: run_key}), limit=1)
         )
 
     def _cursor(self, sensor_name: str) -> str | None:
@@ -118,7 +160,7 @@ def run_feeds(
     summaries: dict[tuple[str, str], PartitionSummary] = {}
     all_keys = {f.name: FeedKeys(f, feeds) for f in selected}
     for name, keys in all_keys.items():
-        for run in driver.tick(f"{name}__new_files"):
+        for run in driver.discover(name):
             partition = run.tags.get("dagster/partition", "")
             echo(f"[{name}] ingest run for {partition}: {run.status.value}")
             summaries[(name, partition)] = _ingest_summary(instance, keys, partition, run)
@@ -147,14 +189,21 @@ def _run_error(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str:
         data = record.event_log_entry.dagster_event.event_specific_data
         error = getattr(data, "error", None)
         if error is not None:
-            return redact(error.message.strip().splitlines()[-1] if error.message else str(error))
+            while error.cause is not None:  # Dagster wraps what the step raised: show that
+                error = error.cause
+            text = error.message.strip().splitlines()[-1] if error.message else str(error)
+            return redact(text.split(": ", 1)[-1] if error.cls_name == "Failure" else text)
     return f"run {run.run_id} {run.status.value}"
 
 
 def _check_failed(instance: dg.DagsterInstance, asset: dg.AssetKey, name: str, run_id: str) -> bool:
-    key = dg.AssetCheckKey(asset, name)
-    check = instance.event_log_storage.get_latest_asset_check_execution_by_key([key]).get(key)
-    return check is not None and check.run_id == run_id and check.status.value == "FAILED"
+    """Whether this run's evaluation of the check failed (the latest one may be another partition's)."""
+    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION).records
+    for record in records:
+        evaluation = record.event_log_entry.dagster_event.event_specific_data
+        if evaluation.asset_key == asset and evaluation.check_name == name and not evaluation.passed:
+            return True
+    return False
 
 
 def _summary(instance: dg.DagsterInstance, keys: FeedKeys, partition: str) -> PartitionSummary:

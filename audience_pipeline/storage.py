@@ -21,7 +21,10 @@ HOME_ENV_VAR = "AUDIENCE_PIPELINE_HOME"
 
 
 def safe_name(partition_key: str) -> str:
-    return partition_key.replace("/", "_").replace("\\", "_")
+    """One path component per key, distinct for distinct keys (``a/b`` and ``a_b`` must not share
+    files): ``%``, ``/`` and ``\\`` are percent-encoded, and a key of only dots cannot name a parent."""
+    name = partition_key.replace("%", "%25").replace("/", "%2F").replace("\\", "%5C")
+    return name.replace(".", "%2E") if not name.strip(".") else name
 
 
 class PipelineStorage(dg.ConfigurableResource):

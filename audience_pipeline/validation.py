@@ -18,7 +18,7 @@ import pandera.pandas as pa
 import pyarrow as pa_arrow
 import pyarrow.compute as pc
 
-from audience_pipeline.csv_reader import ParsedCsv, read_csv
+from audience_pipeline.csv_reader import DEFAULT_MAX_FILE_BYTES, ParsedCsv, read_csv
 from audience_pipeline.feeds.model import FieldMapping
 from audience_pipeline.normalize import normalize
 from audience_pipeline.schemas.employee import REASONS, employee_schema
@@ -40,9 +40,19 @@ class ValidationResult:
         return len(self.rejects) / self.source_rows if self.source_rows else 0.0
 
 
-def validate_file(path: Path | str, mapping: FieldMapping, *, default_region: str = "US") -> ValidationResult:
-    """Parse, normalise and validate ``path``; every data record ends up in ``valid`` or ``rejects``."""
-    parsed = read_csv(path)
+def validate_file(
+    path: Path | str,
+    mapping: FieldMapping,
+    *,
+    default_region: str = "US",
+    allow_empty: bool = False,
+    max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
+) -> ValidationResult:
+    """Parse, normalise and validate ``path``; every data record ends up in ``valid`` or ``rejects``.
+
+    ``allow_empty`` and ``max_file_bytes`` are the feed's limits, applied by ``read_csv``.
+    """
+    parsed = read_csv(path, allow_empty=allow_empty, max_file_bytes=max_file_bytes)
     frame = normalize(parsed, mapping, default_region=default_region, release=True)
     valid, rejects = _validate(frame, mapping, consume=True)
     del frame
@@ -118,12 +128,16 @@ def _rejects_from_failures(frame: pd.DataFrame, cases: pd.DataFrame, mapping: Fi
     checks = [str(c) for c in cases["check"].tolist()]
     first_lines = _first_lines(frame, positions[np.array(checks) == "unique_value"]) if checks else {}
     lines = frame["source_line"].to_numpy()
+    # pandera lists frame-level failures first: order by row, then by the column's place in the
+    # mapping (the channel check sits with the email column), so a row's reasons read left to right.
+    rank = {c: i for i, c in enumerate(headers)}
+    channel_rank = min(rank.get("email", len(rank)), rank.get("mobile_phone", len(rank)))
+    ranks = np.array([channel_rank if c is None else rank.get(c, len(rank)) for c in columns], dtype=np.int64)
+    raws = cases["failure_case"].tolist()
     rows: dict[int, tuple[list[str], list[str], list[str]]] = {}
     seen: set[tuple[int, str | None, str]] = set()
-    for pos, column, check, raw in zip(
-        positions, columns, checks, cases["failure_case"].tolist(), strict=True
-    ):
-        pos = int(pos)
+    for i in np.lexsort((ranks, positions)).tolist():
+        pos, column, check, raw = int(positions[i]), columns[i], checks[i], raws[i]
         if (pos, column, check) in seen:
             continue
         seen.add((pos, column, check))
@@ -187,12 +201,6 @@ def _malformed_rejects(parsed: ParsedCsv) -> pd.DataFrame:
             "unique_id": pd.Series([""] * len(parsed.malformed), dtype="str"),
             "column": pd.Series([""] * len(parsed.malformed), dtype="str"),
             "value": pd.Series([m.text for m in parsed.malformed], dtype="str"),
-            "reason": pd.Series(
-                [
-                    f"row has {m.actual_fields} fields, the header has {m.expected_fields}"
-                    for m in parsed.malformed
-                ],
-                dtype="str",
-            ),
+            "reason": pd.Series([m.reason for m in parsed.malformed], dtype="str"),
         }
     )

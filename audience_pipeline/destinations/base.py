@@ -9,6 +9,7 @@ positions each vendor job (chunk) covers, so a vendor's line or index maps back 
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -16,6 +17,9 @@ from typing import Any, ClassVar, Protocol
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
+
+MAX_LISTED_JOBS = 4
+"""Chunks named one by one in :attr:`JobHandle.key`; more are summarised."""
 
 
 class JobState(StrEnum):
@@ -52,8 +56,18 @@ class JobHandle(BaseModel):
 
     @property
     def key(self) -> str:
-        """Stable identifier of the import across all its chunks (used in run keys)."""
-        return "+".join(job.job_id for job in self.jobs) or f"{self.feed}:{self.partition}:empty"
+        """Stable identifier of the import across all its chunks (used in run keys and tags).
+
+        A few chunks are listed by id; an import of hundreds of batches is named by its first and
+        last id plus a digest of all of them, so run keys and tags stay short.
+        """
+        ids = [job.job_id for job in self.jobs]
+        if not ids:
+            return f"{self.feed}:{self.partition}:empty"
+        if len(ids) <= MAX_LISTED_JOBS:
+            return "+".join(ids)
+        digest = hashlib.sha256("+".join(ids).encode()).hexdigest()[:12]
+        return f"{ids[0]}+{len(ids) - 2}more+{ids[-1]}#{digest}"
 
 
 @dataclass(frozen=True)

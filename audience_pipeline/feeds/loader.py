@@ -69,7 +69,7 @@ def load_feeds(path: Path | str | None = None) -> FeedsFile:
         feeds = FeedsFile.model_validate(resolved)
     except ValidationError as exc:
         raise FeedsFileError(_report(path, _error_lines(exc, resolved, FeedsFile))) from None
-    _check_options(path, feeds)
+    feeds = _check_options(path, feeds)
     return _anchor_folders(feeds, path.parent)
 
 
@@ -269,15 +269,18 @@ def _pick_model(tp: Any, node: Any) -> Any:
     return tp
 
 
-def _check_options(path: Path, feeds: FeedsFile) -> None:
+def _check_options(path: Path, feeds: FeedsFile) -> FeedsFile:
     """Each feed's ``options`` against its destination's model, and against the feed's columns.
 
     Option fields such as CXI's ``email_field`` name canonical output columns; one that names a
     column the mapping does not produce would only fail at the vendor, after validation ran.
+    An options model with ``complete_for_feed(mapping)`` returns the options the feed runs with
+    (e.g. Experience Platform takes its field types from the mapping).
     """
     from audience_pipeline.destinations.registry import options_model
 
     lines: list[str] = []
+    completed: dict[int, dict] = {}
     for i, feed in enumerate(feeds.feeds):
         model = options_model(feeds.destination_for(feed))
         prefix: tuple[str | int, ...] = ("feeds", i, "options")
@@ -290,8 +293,16 @@ def _check_options(path: Path, feeds: FeedsFile) -> None:
         if check_columns is not None:
             for key, problem in check_columns(feed.mapping.output_columns()):
                 lines.append(f"{_loc((*prefix, key) if key else prefix)}: {problem}")
+        complete = getattr(options, "complete_for_feed", None)
+        if complete is not None:
+            completed[i] = complete(feed.mapping)
     if lines:
         raise FeedsFileError(_report(path, lines))
+    updated = [
+        f.model_copy(update={"options": completed[i]}) if i in completed else f
+        for i, f in enumerate(feeds.feeds)
+    ]
+    return feeds.model_copy(update={"feeds": updated}) if completed else feeds
 
 
 def _anchor_folders(feeds: FeedsFile, base: Path) -> FeedsFile:

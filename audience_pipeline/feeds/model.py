@@ -92,13 +92,109 @@ class FieldMapping(StrictModel):
         return list(self.canonical_headers())
 
 
-class FolderSource(StrictModel):
+class FileDropOptions(StrictModel):
+    """Arrival rules shared by file-drop sources (see ``sources/base.py``)."""
+
+    glob: str = "*.csv"
+    ready_marker: str | None = Field(default=None, pattern=r"^\.[A-Za-z0-9_.-]+$")
+    stable_after_seconds: float = Field(default=60.0, ge=0)
+    move_processed_to: str | None = None
+
+
+class FolderSource(FileDropOptions):
     type: Literal["folder"]
     path: ConfigValue
-    glob: str = "*.csv"
 
 
-SourceConfig = Annotated[FolderSource, Field(discriminator="type")]
+class SftpSource(FileDropOptions):
+    type: Literal["sftp"]
+    host: ConfigValue
+    port: int = Field(default=22, ge=1, le=65535)
+    username: ConfigValue
+    password: ConfigValue | None = None
+    private_key: ConfigValue | None = None
+    private_key_passphrase: ConfigValue | None = None
+    known_hosts: ConfigValue | None = None
+    host_key_checking: bool = True
+    remote_dir: str = "."
+    timeout_seconds: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _credential(self) -> SftpSource:
+        if self.password is None and self.private_key is None:
+            raise ValueError("set 'password' or 'private_key' (from ${VAR})")
+        return self
+
+
+class S3Source(FileDropOptions):
+    type: Literal["s3"]
+    bucket: ConfigValue
+    prefix: str = ""
+    endpoint_url: ConfigValue | None = None
+    region: str | None = None
+    access_key_id: ConfigValue | None = None
+    secret_access_key: ConfigValue | None = None
+    session_token: ConfigValue | None = None
+    tag_processed: str | None = Field(default=None, pattern=r"^[^=]+=[^=]*$")
+    stable_after_seconds: float = Field(default=0.0, ge=0)
+    timeout_seconds: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _key_pair(self) -> S3Source:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("set both 'access_key_id' and 'secret_access_key', or neither (default chain)")
+        return self
+
+
+class HttpReportSource(StrictModel):
+    """A report URL (Workday RaaS, BambooHR custom report): pulled on ``schedule``, not listed."""
+
+    type: Literal["http_report"]
+    url: ConfigValue
+    schedule: str = "0 6 * * *"
+    timezone: str = "UTC"
+    file_name: str = Field(default="report.csv", pattern=r"^[^/\\]+$")
+    method: Literal["GET", "POST"] = "GET"
+    body: str | None = None
+    content_type: str = "application/json"
+    headers: dict[str, str] = Field(default_factory=dict)
+    username: ConfigValue | None = None
+    password: ConfigValue | None = None
+    token: ConfigValue | None = None
+    timeout_seconds: float = Field(default=300.0, gt=0)
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        from dagster._utils.schedules import is_valid_cron_string
+
+        if not is_valid_cron_string(value):
+            raise ValueError(f"{value!r} is not a cron schedule such as '0 6 * * *'")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}; use an IANA name like 'Europe/Berlin'") from None
+        return value
+
+    @model_validator(mode="after")
+    def _auth(self) -> HttpReportSource:
+        if self.token is not None and (self.username is not None or self.password is not None):
+            raise ValueError("use either 'token' (bearer) or 'username'/'password' (basic), not both")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("basic auth needs both 'username' and 'password'")
+        if self.body is not None and self.method == "GET":
+            raise ValueError("'body' needs method: POST")
+        return self
+
+
+SourceConfig = Annotated[FolderSource | SftpSource | S3Source | HttpReportSource, Field(discriminator="type")]
 
 
 class CommunicateXIDestination(StrictModel):
@@ -108,7 +204,72 @@ class CommunicateXIDestination(StrictModel):
     timeout_seconds: float = 30.0
 
 
-DestinationConfig = Annotated[CommunicateXIDestination, Field(discriminator="type")]
+class AdobeExperiencePlatformDestination(StrictModel):
+    """Experience Platform: IMS OAuth server-to-server credentials (or a ready bearer token)."""
+
+    type: Literal["adobe_experience_platform"]
+    base_url: ConfigValue = "https://platform.adobe.io"
+    ims_url: ConfigValue = "https://ims-na1.adobelogin.com"
+    client_id: ConfigValue
+    client_secret: ConfigValue | None = None
+    access_token: ConfigValue | None = None
+    org_id: ConfigValue
+    sandbox_name: ConfigValue = "prod"
+    scopes: str = "openid,AdobeID,read_organizations,additional_info.projectedProductContext,session"
+    s3_access_key_id: ConfigValue | None = None
+    s3_secret_access_key: ConfigValue | None = None
+    timeout_seconds: float = 30.0
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> AdobeExperiencePlatformDestination:
+        if (self.client_secret is None) == (self.access_token is None):
+            raise ValueError("set exactly one of 'client_secret' (OAuth server-to-server) or 'access_token'")
+        return self
+
+
+class AltcraftDestination(StrictModel):
+    """Altcraft: the API token travels in each JSON body; limits are per request."""
+
+    type: Literal["altcraft"]
+    base_url: ConfigValue
+    token: ConfigValue
+    timeout_seconds: float = 30.0
+    max_in_flight: int = Field(default=4, ge=1, le=32)
+    max_profiles_per_request: int = Field(default=10_000, ge=1, le=10_000)
+    max_request_bytes: int = Field(default=10_000_000, ge=4096, le=10 * 1024 * 1024)
+
+
+class ApsisOneDestination(StrictModel):
+    """APSIS One: OAuth client credentials; the account's regional API host as ``base_url``."""
+
+    type: Literal["apsis_one"]
+    base_url: ConfigValue = "https://api.apsis.one"
+    client_id: ConfigValue
+    client_secret: ConfigValue
+    timeout_seconds: float = 60.0
+
+
+class YesmailDestination(StrictModel):
+    """Yesmail: Api-User / Api-Key headers; JSON member batches sent a few at a time."""
+
+    type: Literal["yesmail"]
+    base_url: ConfigValue = "https://api.yesmail.com"
+    api_user: ConfigValue
+    api_key: ConfigValue
+    timeout_seconds: float = 30.0
+    max_in_flight: int = Field(default=4, ge=1, le=32)
+    max_members_per_request: int = Field(default=1000, ge=1)
+    max_request_bytes: int = Field(default=10_000_000, ge=4096)
+
+
+DestinationConfig = Annotated[
+    CommunicateXIDestination
+    | AdobeExperiencePlatformDestination
+    | AltcraftDestination
+    | ApsisOneDestination
+    | YesmailDestination,
+    Field(discriminator="type"),
+]
 
 
 class Feed(StrictModel):
@@ -121,6 +282,10 @@ class Feed(StrictModel):
     description: str | None = None
     default_phone_region: str = Field(default="US", min_length=2, max_length=2)
     max_rejection_rate: float = Field(default=0.05, ge=0.0, le=1.0)
+    allow_empty: bool = False
+    """A file with a header and no rows is refused unless the audience may really become empty."""
+    max_file_bytes: int = Field(default=2 * 1024**3, gt=0)
+    """Larger files are refused before they are read (default 2 GiB)."""
     options: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -24,6 +24,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp
 
+from audience_pipeline.sandbox.aep import AepVendor
+from audience_pipeline.sandbox.altcraft import AltcraftVendor
+from audience_pipeline.sandbox.apsis import ApsisVendor
 from audience_pipeline.sandbox.cxi import CxiVendor
 from audience_pipeline.sandbox.faults import (
     CONTROL_PREFIX,
@@ -32,6 +35,7 @@ from audience_pipeline.sandbox.faults import (
     error_response,
     parse_fault,
 )
+from audience_pipeline.sandbox.yesmail import YesmailVendor
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,14 @@ class SandboxSettings:
     aep_sandbox_name: str = "prod"
     apsis_client_id: str = "sandbox-apsis-client"
     apsis_client_secret: str = "sandbox-apsis-secret"
+    apsis_upload_url_ttl_seconds: float = 900.0
+    apsis_token_ttl_seconds: float = 3600.0
+    apsis_max_file_bytes: int = 50_000_000
+    apsis_max_pending_imports: int = 3
     yesmail_api_user: str = "sandbox-yesmail-user"
     yesmail_api_key: str = "sandbox-yesmail-key"
+    yesmail_max_members: int = 1000
+    yesmail_target_lists: tuple[str, ...] = ("all-staff",)
     altcraft_token: str = "sandbox-altcraft-token"
 
 
@@ -77,7 +87,13 @@ class SandboxVendor(Protocol):
         ...
 
 
-VENDORS: tuple[Callable[[SandboxSettings], SandboxVendor], ...] = (CxiVendor,)
+VENDORS: tuple[Callable[[SandboxSettings], SandboxVendor], ...] = (
+    CxiVendor,
+    AltcraftVendor,
+    ApsisVendor,
+    YesmailVendor,
+    AepVendor,
+)
 """Factories for every emulated vendor; adding a vendor means adding it here."""
 
 

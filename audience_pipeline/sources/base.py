@@ -2,14 +2,23 @@
 
 Partitions are keyed by file name plus a short content hash, so a re-sent file with new
 content is a new partition while the same bytes under the same name are recognised.
+
+File-drop sources (folder, SFTP, S3) share three arrival rules, applied here and by the
+new-file sensor: ``glob`` picks the data files (flat, no sub-folders, hidden files skipped);
+``ready_marker`` (e.g. ``.done``) makes a file wait for its companion marker
+(``export.csv.done`` or ``export.done``); without a marker a file must have kept its size and
+mtime across two listings, or be untouched for ``stable_after_seconds``, before it is read.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import io
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import BinaryIO, Protocol
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
@@ -19,17 +28,41 @@ _CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class SourceFile:
+    """One listed data file. ``marked`` is None when the source uses no ready marker, else
+    whether the marker is there (the writer's promise that the file is complete)."""
+
     name: str
     size: int
     modified_ns: int
+    marked: bool | None = None
 
 
+class SourceUnavailable(Exception):
+    """The source cannot be reached or refused us; the message names it and never a credential."""
+
+
+@runtime_checkable
 class HRSource(Protocol):
     def list_files(self) -> list[SourceFile]: ...
 
     def open(self, name: str) -> BinaryIO: ...
 
     def describe(self) -> str: ...
+
+
+@runtime_checkable
+class FileDropSource(HRSource, Protocol):
+    """A source that files are dropped into: arrival rules plus what to do once imported."""
+
+    stable_after_seconds: float
+
+    def processed_action(self) -> str | None:
+        """A short description of what :meth:`mark_processed` does, or None when it does nothing."""
+        ...
+
+    def mark_processed(self, name: str) -> None:
+        """Move or tag a file whose import was submitted; its staged copy stays the one re-read."""
+        ...
 
 
 class StagedFile(BaseModel):
@@ -50,6 +83,33 @@ def split_partition_key(key: str) -> tuple[str, str]:
     if not name or len(short_hash) != HASH_CHARS:
         raise ValueError(f"partition key {key!r} is not '<file name>@<{HASH_CHARS} hex chars>'")
     return name, short_hash
+
+
+def select_files(
+    entries: Iterable[tuple[str, int, int]], glob: str, ready_marker: str | None
+) -> list[SourceFile]:
+    """Data files among ``(name, size, modified_ns)`` directory entries, sorted by name.
+
+    Hidden files, partial uploads named ``.*`` and the markers themselves never count as data.
+    """
+    entries = [e for e in entries if not e[0].startswith(".")]
+    names = {e[0] for e in entries}
+    files = []
+    for name, size, modified_ns in sorted(entries):
+        if not fnmatch.fnmatchcase(name, glob) or (ready_marker and name.endswith(ready_marker)):
+            continue
+        marked = None
+        if ready_marker:
+            marked = f"{name}{ready_marker}" in names or f"{PurePosixPath(name).stem}{ready_marker}" in names
+        files.append(SourceFile(name, size, modified_ns, marked))
+    return files
+
+
+def check_name(name: str, where: str) -> str:
+    """A partition's file name is a plain name in the drop location, never a path out of it."""
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise FileNotFoundError(f"{name!r} is not a file name in {where}")
+    return name
 
 
 def fingerprint(source: HRSource, name: str) -> str:
@@ -84,10 +144,45 @@ def stage(source: HRSource, name: str, dest_dir: Path) -> StagedFile:
     partial = target.with_name(target.name + ".partial")
     digest = hashlib.sha256()
     size = 0
-    with source.open(name) as src, partial.open("wb") as out:
-        while chunk := src.read(_CHUNK):
-            digest.update(chunk)
-            out.write(chunk)
-            size += len(chunk)
+    try:
+        with source.open(name) as src, partial.open("wb") as out:
+            while chunk := src.read(_CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     partial.replace(target)
     return StagedFile(name=name, path=str(target), sha256=digest.hexdigest(), size=size)
+
+
+class ChunkStream(io.RawIOBase):
+    """A read-only binary file over an iterator of byte chunks (a streamed download), so
+    :func:`stage` can copy it without holding the whole body in memory."""
+
+    def __init__(self, chunks: Iterator[bytes], on_close: Callable[[], None] = lambda: None) -> None:
+        self._chunks = chunks
+        self._buffer = b""
+        self._on_close = on_close
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self._buffer:
+            try:
+                self._buffer = next(self._chunks)
+            except StopIteration:
+                return 0
+        n = min(len(target), len(self._buffer))
+        target[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._on_close()
+            finally:
+                super().close()

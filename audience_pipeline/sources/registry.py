@@ -5,12 +5,71 @@ from __future__ import annotations
 import dagster as dg
 
 from audience_pipeline.destinations.registry import config_value
-from audience_pipeline.feeds.model import FolderSource, SourceConfig
+from audience_pipeline.feeds.model import FolderSource, HttpReportSource, S3Source, SftpSource, SourceConfig
+
+
+def _optional(value):
+    return None if value is None else config_value(value)
+
+
+def _drop_options(config: FolderSource | SftpSource | S3Source) -> dict:
+    return {
+        "glob": config.glob,
+        "ready_marker": config.ready_marker,
+        "stable_after_seconds": config.stable_after_seconds,
+        "move_processed_to": config.move_processed_to,
+    }
 
 
 def build_source_resource(config: SourceConfig) -> dg.ConfigurableResource:
-    from audience_pipeline.sources.folder import FolderSourceResource
-
     if isinstance(config, FolderSource):
-        return FolderSourceResource(path=config_value(config.path), glob=config.glob)
+        from audience_pipeline.sources.folder import FolderSourceResource
+
+        return FolderSourceResource(path=config_value(config.path), **_drop_options(config))
+    if isinstance(config, SftpSource):
+        from audience_pipeline.sources.sftp import SftpSourceResource
+
+        return SftpSourceResource(
+            host=config_value(config.host),
+            port=config.port,
+            username=config_value(config.username),
+            password=_optional(config.password),
+            private_key=_optional(config.private_key),
+            private_key_passphrase=_optional(config.private_key_passphrase),
+            known_hosts=_optional(config.known_hosts),
+            host_key_checking=config.host_key_checking,
+            remote_dir=config.remote_dir,
+            timeout_seconds=config.timeout_seconds,
+            **_drop_options(config),
+        )
+    if isinstance(config, S3Source):
+        from audience_pipeline.sources.s3 import S3SourceResource
+
+        return S3SourceResource(
+            bucket=config_value(config.bucket),
+            prefix=config.prefix,
+            endpoint_url=_optional(config.endpoint_url),
+            region=config.region,
+            access_key_id=_optional(config.access_key_id),
+            secret_access_key=_optional(config.secret_access_key),
+            session_token=_optional(config.session_token),
+            tag_processed=config.tag_processed,
+            timeout_seconds=config.timeout_seconds,
+            **_drop_options(config),
+        )
+    if isinstance(config, HttpReportSource):
+        from audience_pipeline.sources.http_report import HttpReportSourceResource
+
+        return HttpReportSourceResource(
+            url=config_value(config.url),
+            file_name=config.file_name,
+            method=config.method,
+            body=config.body,
+            content_type=config.content_type,
+            headers=dict(config.headers),
+            username=_optional(config.username),
+            password=_optional(config.password),
+            token=_optional(config.token),
+            timeout_seconds=config.timeout_seconds,
+        )
     raise TypeError(f"unknown source type {config.type!r}")

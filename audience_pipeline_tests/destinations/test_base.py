@@ -85,3 +85,17 @@ def test_empty_handle_key_names_feed_and_partition() -> None:
 
     assert handle.key == "all_staff:p1:empty"
     assert handle.submitted_at > 0
+
+
+def test_handle_key_stays_short_for_many_chunks() -> None:
+    from audience_pipeline.destinations.base import ChunkJob, JobHandle
+
+    def handle(n: int) -> JobHandle:
+        jobs = [ChunkJob(job_id=f"ticket-{i:06d}", first_row=i * 10, row_count=10) for i in range(n)]
+        return JobHandle(vendor="v", feed="f", partition="p", jobs=jobs, submitted_rows=n * 10)
+
+    assert handle(2).key == "ticket-000000+ticket-000001"
+    many = handle(990).key
+    assert len(many) < 80 and many.startswith("ticket-000000+988more+ticket-000989#")
+    assert many == handle(990).key and many != handle(991).key
+    assert handle(0).key == "f:p:empty"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -69,12 +70,21 @@ def load_error(path: Path) -> str:
 
 
 def test_bundled_demo_loads_without_any_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("CXI_BASE_URL", raising=False)
-    monkeypatch.delenv("CXI_API_KEY", raising=False)
+    for var in [v for v in os.environ if v.startswith(("CXI_", "AEP_", "APSIS_", "YESMAIL_", "ALTCRAFT_"))]:
+        monkeypatch.delenv(var)
 
     feeds = load_feeds(DEMO_FEEDS)
 
-    (feed,) = feeds.feeds
+    by_vendor = {feeds.destination_for(f).type: f for f in feeds.feeds}
+    assert set(by_vendor) == {
+        "communicate_xi",
+        "adobe_experience_platform",
+        "apsis_one",
+        "yesmail",
+        "altcraft",
+    }
+    assert all(f.source == "hr_drop" for f in feeds.feeds)
+    feed = by_vendor["communicate_xi"]
     assert feed.name == "all_staff_cxi"
     destination = feeds.destination_for(feed)
     assert isinstance(destination, CommunicateXIDestination)

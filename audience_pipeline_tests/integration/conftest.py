@@ -87,8 +87,9 @@ def write_feeds(root: Path, *, max_rejection_rate: float = 0.05, extra_mapping: 
 
 @pytest.fixture
 def pipeline_factory(tmp_path: Path, sandbox_server: SandboxServer, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("CXI_BASE_URL", sandbox_server.vendor_url("cxi"))
-    monkeypatch.setenv("CXI_API_KEY", API_KEY)
+    for name, vendor in sandbox_server.app.vendors.items():
+        for var, value in vendor.demo_env(sandbox_server.vendor_url(name)).items():
+            monkeypatch.setenv(var, value)
     sandbox_server.reset()
     stack: list = []
 

@@ -1,0 +1,535 @@
+"""Experience Platform external audiences: one audience per feed, refreshed by ingestion runs.
+
+Protocol choices where the vendor document is vague (the sandbox agrees with each):
+- Auth is IMS OAuth server-to-server: ``POST {ims_url}/ims/token/v3`` with the client id and
+  secret (form, ``grant_type=client_credentials``) returns ``access_token`` and ``expires_in``
+  (seconds). Tokens are cached per process and credential until a minute before expiry, so the
+  status sensor costs one GET per import; a 401 drops the token and retries once with a new one.
+  A fixed ``access_token`` may be configured instead (no refresh then). Every call also sends
+  ``x-api-key`` (the client id), ``x-gw-ims-org-id`` and ``x-sandbox-name``.
+- Paths live under ``{base_url}/data/core/ais``. The seed documents no lookup, so a lost
+  ``audienceId`` is found with ``GET /external-audiences?customAudienceId=…`` →
+  ``{"audiences": [...]}`` (the Audiences API's filter style); the feed's ``customAudienceId``
+  defaults to ``audience_pipeline.<feed>``. An audience whose creation is still running is
+  listed with ``status: PROCESSING``; a failed creation leaves no audience behind.
+- The API reads the CSV from cloud storage (``aep_storage``): each push overwrites one file per
+  feed (``sourceSpec.type = file``), so the audience always mirrors the latest export. A run's
+  data-filter window is ``[floor(mtime), floor(mtime) + 1]`` in epoch seconds (both inclusive)
+  around the new file's storage modification time.
+- First push: ``POST /external-audience/`` → 202 ``operationId``; creating also ingests the file.
+  The handle's job is the operation; ``status`` polls it (PROCESSING → SUCCESS | FAILED, failures
+  carry ``errors[{code, message}]``). Later pushes: PATCH what the API can change (description,
+  labels, ttlInDays, field labels) when it differs, then ``POST /external-audience/{id}/runs``;
+  the handle's job is the run and ``status`` polls ``GET …/runs/{runId}`` (PROCESSING while it
+  runs; ``details[{stage, status, flowRunId, message}]``). Field names or types cannot be patched:
+  a feed whose columns changed fails with a message instead of sending a file the audience
+  cannot read.
+- One run at a time per audience: before overwriting the file, ``submit`` waits while a run (or
+  the creation) is in progress, and a 409 on start waits and retries, both up to
+  ``run_wait_seconds``, so a busy audience delays a partition instead of failing it.
+- The vendor gives no row-level results. A succeeded job imported every row it was sent; a
+  failed one failed them all, with the failing stage and status as the reason. Rows without a
+  value in the identity field are not sent (Platform could not identify them) and are reported
+  failed with that reason.
+- Errors carry ``error_code`` like ``100910-400`` and a ``message``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import dagster as dg
+import httpx
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from audience_pipeline.destinations.aep_storage import (
+    DlzStorageOptions,
+    LandingZone,
+    S3Storage,
+    Storage,
+    StorageOptions,
+    StoredFile,
+    with_plain_headers,
+)
+from audience_pipeline.destinations.base import (
+    ChunkJob,
+    JobHandle,
+    JobOutcome,
+    JobState,
+    JobStatus,
+    RowFailure,
+)
+from audience_pipeline.destinations.http import VendorAuthError, VendorError, VendorHTTP, VendorHTTPError
+from audience_pipeline.redact import register_secret
+
+VENDOR = "adobe_experience_platform"
+AIS = "/data/core/ais"
+AUDIENCE = f"{AIS}/external-audience"
+AUDIENCES = f"{AIS}/external-audiences"
+OPERATIONS = f"{AUDIENCES}/operations"
+DLZ_CREDENTIALS = "/data/foundation/connectors/landingzone/credentials"
+TOKEN_PATH = "/ims/token/v3"
+FieldType = Literal["string", "number", "long", "integer", "date", "datetime", "boolean"]
+_STATES = {"PROCESSING": JobState.RUNNING, "SUCCESS": JobState.SUCCEEDED, "FAILED": JobState.FAILED}
+_CANONICAL = ("unique_id", "email", "mobile_phone", "first_name", "last_name")
+NO_ROW_RESULTS = (
+    "Experience Platform reports no row-level results: every row sent in a run that succeeded is "
+    "counted imported, and a failed run fails every row it was sent."
+)
+
+
+class AepOptions(BaseModel):
+    """Feed options for Experience Platform; column names are the feed's canonical columns."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    audience_name: str = Field(min_length=1)
+    description: str | None = None
+    custom_audience_id: str | None = None
+    identity_field: str = "email"
+    identity_namespace: str = "email"
+    ttl_in_days: int = Field(default=30, ge=1, le=90)
+    labels: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
+    field_labels: dict[str, list[str]] = Field(default_factory=dict)
+    namespace: str = "CustomerAudienceUpload"
+    file_name: str | None = None
+    storage: StorageOptions = Field(default_factory=DlzStorageOptions)
+    attribute_types: dict[str, FieldType] = Field(default_factory=dict)
+    """Filled from the feed's mapping when the feeds file loads; set it only to override a type."""
+    run_wait_seconds: float = Field(default=1800.0, ge=0)
+    poll_interval_seconds: float = Field(default=10.0, gt=0)
+
+    def complete_for_feed(self, mapping: Any) -> dict[str, Any]:
+        """These options plus the attribute types the feed's mapping declares (load-time hook)."""
+        types = {name: spec.type for name, spec in mapping.attributes.items()}
+        types.update(self.attribute_types)
+        return {**self.model_dump(mode="json", exclude_unset=True), "attribute_types": types}
+
+    def column_problems(self, columns: list[str]) -> list[tuple[str | None, str]]:
+        """Options that name columns the feed does not produce; checked when the feeds file loads."""
+        problems: list[tuple[str | None, str]] = []
+        if self.identity_field not in columns:
+            problems.append(
+                ("identity_field", f"{self.identity_field!r} is not a column of this feed: {columns}")
+            )
+        unknown = sorted(set(self.field_labels) - set(columns))
+        if unknown:
+            problems.append(("field_labels", f"{unknown} are not columns of this feed: {columns}"))
+        return problems
+
+    def fields(self, columns: list[str]) -> list[dict[str, Any]]:
+        """The audience's ``fields``: every uploaded column, typed, with the identity namespace."""
+        if self.identity_field not in columns:
+            raise ValueError(f"identity_field {self.identity_field!r} is not among the columns {columns}")
+        out = []
+        for column in columns:
+            field: dict[str, Any] = {"name": column, "type": self._type(column)}
+            if column == self.identity_field:
+                field["identityNs"] = self.identity_namespace
+            if self.field_labels.get(column):
+                field["labels"] = list(self.field_labels[column])
+            out.append(field)
+        return out
+
+    def _type(self, column: str) -> str:
+        if column in _CANONICAL:
+            return "string"
+        return self.attribute_types.get(column, "string")
+
+
+@dataclass
+class _Token:
+    value: str
+    expires_at: float
+
+
+_TOKENS: dict[tuple[str, ...], _Token] = {}
+_TOKENS_LOCK = threading.Lock()
+TOKEN_MARGIN_SECONDS = 60.0
+
+
+class ImsAuth:
+    """Bearer tokens from IMS (client credentials), cached per process until shortly before expiry."""
+
+    def __init__(
+        self,
+        ims_url: str,
+        client_id: str,
+        *,
+        client_secret: str | None = None,
+        access_token: str | None = None,
+        scopes: str = "",
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        if (client_secret is None) == (access_token is None):
+            raise ValueError("configure exactly one of client_secret or access_token")
+        self._fixed = access_token
+        self._form = {
+            "grant_type": "client_credentials",
+            "client_id": client_id,
+            "client_secret": client_secret or "",
+            "scope": scopes,
+        }
+        secret_hash = hashlib.sha256((client_secret or "").encode()).hexdigest()
+        self._key = (ims_url, client_id, secret_hash, scopes)
+        self._ims_url = ims_url
+        self._timeout = timeout
+        self._transport = transport
+        register_secret(client_id, client_secret, access_token)
+
+    @property
+    def refreshable(self) -> bool:
+        return self._fixed is None
+
+    def token(self) -> str:
+        if self._fixed is not None:
+            return self._fixed
+        with _TOKENS_LOCK:
+            cached = _TOKENS.get(self._key)
+            if cached is not None and cached.expires_at > time.time():
+                return cached.value
+            token = self._fetch()
+            _TOKENS[self._key] = token
+            return token.value
+
+    def invalidate(self, value: str) -> None:
+        with _TOKENS_LOCK:
+            if (cached := _TOKENS.get(self._key)) is not None and cached.value == value:
+                del _TOKENS[self._key]
+
+    def _fetch(self) -> _Token:
+        with VendorHTTP(
+            VENDOR,
+            self._ims_url,
+            secrets=[self._form["client_id"], self._form["client_secret"]],
+            timeout=self._timeout,
+            transport=self._transport,
+        ) as http:
+            body = http.json("POST", TOKEN_PATH, data=self._form, idempotent=True)
+        value = body.get("access_token") if isinstance(body, dict) else None
+        if not value:
+            raise VendorError(
+                VENDOR, "POST", TOKEN_PATH, code="unexpected_response", detail="no access_token"
+            )
+        register_secret(value)
+        lifetime = float(body.get("expires_in") or 0)
+        return _Token(value, time.time() + max(0.0, lifetime - TOKEN_MARGIN_SECONDS))
+
+
+class AepClient:
+    """One feed's audience: upload, create or run, and poll."""
+
+    vendor: ClassVar[str] = VENDOR
+
+    def __init__(
+        self,
+        http: VendorHTTP,
+        auth: ImsAuth,
+        options: AepOptions,
+        storage: Storage | None = None,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.http = http
+        self.auth = auth
+        self.options = options
+        self.storage = storage or LandingZone(VENDOR, DlzStorageOptions(), self.landing_zone_credentials)
+        self._sleep = sleep
+        self._clock = clock
+
+    def close(self) -> None:
+        self.http.close()
+
+    def call(self, method: str, path: str, **kw: Any) -> Any:
+        """A Platform call with a bearer token; one retry with a fresh token after a 401."""
+        token = self.auth.token()
+        try:
+            return self.http.json(method, path, headers={"Authorization": f"Bearer {token}"}, **kw)
+        except VendorAuthError as exc:
+            if exc.status != 401 or not self.auth.refreshable:
+                raise
+            self.auth.invalidate(token)
+            fresh = self.auth.token()
+            return self.http.json(method, path, headers={"Authorization": f"Bearer {fresh}"}, **kw)
+
+    def landing_zone_credentials(self) -> dict[str, Any]:
+        return self.call("GET", DLZ_CREDENTIALS, params={"type": "user_drop_zone"})
+
+    def find_audience(self, custom_audience_id: str) -> dict[str, Any] | None:
+        body = self.call("GET", AUDIENCES, params={"customAudienceId": custom_audience_id})
+        for audience in (body or {}).get("audiences") or []:
+            if audience.get("customAudienceId") == custom_audience_id:
+                return audience
+        return None
+
+    def submit(self, rows: pd.DataFrame, *, feed: str, partition: str) -> JobHandle:
+        """Upload the file, then create the audience (first push) or start an ingestion run."""
+        columns = [c for c in rows.columns if c != "source_line"]
+        fields = self.options.fields(columns)
+        identity = rows[self.options.identity_field]
+        missing = (identity.isna() | (identity.astype("str").str.strip() == "")).to_numpy(dtype=bool)
+        custom_id = self.options.custom_audience_id or f"audience_pipeline.{feed}"
+        audience = self.find_audience(custom_id)
+        if audience is not None:
+            self._prepare(audience, fields)
+        stored = self._upload(rows.loc[~missing, columns], self.options.file_name or f"{feed}.csv")
+        extra: dict[str, Any] = {
+            "custom_audience_id": custom_id,
+            "source_path": stored.path,
+            "cloud_type": stored.cloud_type,
+            "not_sent_rows": np.flatnonzero(missing).tolist(),
+        }
+        if audience is None:
+            try:
+                body = self.call("POST", f"{AUDIENCE}/", json=self._create_body(custom_id, fields, stored))
+            except VendorHTTPError as exc:
+                if exc.status != 409:
+                    raise
+                audience = self.find_audience(custom_id)
+                if audience is None:
+                    raise
+                self._prepare(audience, fields)
+            else:
+                job_id = _required(body, "operationId", "POST", f"{AUDIENCE}/")
+                return self._handle(feed, partition, rows, job_id, {**extra, "kind": "operation"})
+        run = self._start_run(audience["audienceId"], stored)
+        extra.update(kind="run", audience_id=audience["audienceId"])
+        return self._handle(feed, partition, rows, _required(run, "runId", "POST", "runs"), extra)
+
+    def _handle(
+        self, feed: str, partition: str, rows: pd.DataFrame, job_id: str, extra: dict[str, Any]
+    ) -> JobHandle:
+        return JobHandle(
+            vendor=VENDOR,
+            feed=feed,
+            partition=partition,
+            jobs=[ChunkJob(job_id=job_id, first_row=0, row_count=len(rows))],
+            submitted_rows=len(rows),
+            extra=extra,
+        )
+
+    def _upload(self, frame: pd.DataFrame, file_name: str) -> StoredFile:
+        fd, name = tempfile.mkstemp(prefix="aep-", suffix=".csv")
+        os.close(fd)
+        path = Path(name)
+        try:
+            frame.to_csv(path, index=False, lineterminator="\n", na_rep="", encoding="utf-8")
+            return self.storage.upload(path, file_name)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _create_body(
+        self, custom_id: str, fields: list[dict[str, Any]], stored: StoredFile
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "name": self.options.audience_name,
+            "customAudienceId": custom_id,
+            "fields": fields,
+            "sourceSpec": stored.source_spec(),
+            "ttlInDays": self.options.ttl_in_days,
+            "audienceType": "people",
+            "originName": "CUSTOM_UPLOAD",
+            "namespace": self.options.namespace,
+            "labels": list(self.options.labels),
+            "tags": list(self.options.tags),
+        }
+        if self.options.description is not None:
+            body["description"] = self.options.description
+        return body
+
+    def _prepare(self, audience: dict[str, Any], fields: list[dict[str, Any]]) -> None:
+        """Refuse field changes the API cannot make, PATCH the ones it can, wait until idle."""
+        current = {f.get("name"): f for f in audience.get("fields") or []}
+        shape = {(f["name"], f["type"], f.get("identityNs")) for f in fields}
+        existing = {(f.get("name"), f.get("type"), f.get("identityNs")) for f in current.values()}
+        if shape != existing:
+            raise ValueError(
+                f"the feed's columns no longer match Experience Platform audience "
+                f"{audience.get('audienceId')} (fields cannot be changed once created): sending "
+                f"{sorted(shape, key=str)}, the audience has "
+                f"{sorted(existing, key=str)}; give the feed a new custom_audience_id or delete the audience"
+            )
+        patch: dict[str, Any] = {}
+        if self.options.description is not None and audience.get("description") != self.options.description:
+            patch["description"] = self.options.description
+        if list(audience.get("labels") or []) != self.options.labels:
+            patch["labels"] = list(self.options.labels)
+        if audience.get("ttlInDays") != self.options.ttl_in_days:
+            patch["ttlInDays"] = self.options.ttl_in_days
+        relabelled = [
+            {"name": f["name"], "labels": f.get("labels", [])}
+            for f in fields
+            if list(current[f["name"]].get("labels") or []) != f.get("labels", [])
+        ]
+        if relabelled:
+            patch["fields"] = relabelled
+        if patch:
+            self.call("PATCH", f"{AUDIENCE}/{audience['audienceId']}", json=patch)
+        self._wait(lambda: not self._busy(audience["audienceId"]), audience["audienceId"])
+
+    def _busy(self, audience_id: str) -> bool:
+        audience = self.call("GET", f"{AUDIENCE}/{audience_id}")
+        if audience.get("status") == "PROCESSING":
+            return True
+        runs = self.call("GET", f"{AUDIENCE}/{audience_id}/runs").get("runs") or []
+        return any(run.get("status") == "PROCESSING" for run in runs)
+
+    def _start_run(self, audience_id: str, stored: StoredFile) -> dict[str, Any]:
+        start = math.floor(stored.modified_at)
+        body = {"dataFilterStartTime": start, "dataFilterEndTime": start + 1}
+        result: dict[str, Any] = {}
+
+        def started() -> bool:
+            try:
+                result.update(self.call("POST", f"{AUDIENCE}/{audience_id}/runs", json=body))
+            except VendorHTTPError as exc:
+                if exc.status == 409:
+                    return False
+                raise
+            return True
+
+        self._wait(started, audience_id)
+        return result
+
+    def _wait(self, ready: Callable[[], bool], audience_id: str) -> None:
+        deadline = self._clock() + self.options.run_wait_seconds
+        while not ready():
+            if self._clock() >= deadline:
+                raise VendorError(
+                    VENDOR,
+                    "POST",
+                    f"{AUDIENCE}/{audience_id}/runs",
+                    status=409,
+                    detail=(
+                        "an ingestion run was still in progress after "
+                        f"{self.options.run_wait_seconds:.0f} s; re-run the partition once it ends"
+                    ),
+                )
+            self._sleep(self.options.poll_interval_seconds)
+
+    def _job(self, handle: JobHandle) -> dict[str, Any]:
+        job_id = handle.jobs[0].job_id
+        if handle.extra.get("kind") == "operation":
+            return self.call("GET", f"{OPERATIONS}/{job_id}")
+        return self.call("GET", f"{AUDIENCE}/{handle.extra['audience_id']}/runs/{job_id}")
+
+    def status(self, handle: JobHandle) -> JobStatus:
+        body = self._job(handle)
+        vendor_status = str(body.get("status"))
+        return JobStatus(
+            state=_STATES.get(vendor_status, JobState.RUNNING),
+            vendor_status=vendor_status,
+            detail=_failure_detail(body),
+        )
+
+    def outcome(self, handle: JobHandle) -> JobOutcome:
+        body = self._job(handle)
+        vendor_status = str(body.get("status"))
+        not_sent = set(handle.extra.get("not_sent_rows") or [])
+        failures = [
+            RowFailure(
+                row=r,
+                reason=f"no {self.options.identity_field} value: Experience Platform identifies "
+                "members by it",
+            )
+            for r in sorted(not_sent)
+        ]
+        notes = [NO_ROW_RESULTS]
+        kind = "audience creation" if handle.extra.get("kind") == "operation" else "ingestion run"
+        if _STATES.get(vendor_status) is JobState.FAILED:
+            reason = f"Experience Platform {kind} {handle.jobs[0].job_id} failed: {_failure_detail(body)}"
+            failures += [
+                RowFailure(row=r, reason=reason) for r in range(handle.submitted_rows) if r not in not_sent
+            ]
+            failures.sort(key=lambda f: f.row)
+            notes.append(reason)
+        elif handle.extra.get("kind") == "operation" and body.get("audienceId"):
+            notes.append(f"audience {body['audienceId']} created ({handle.extra.get('custom_audience_id')})")
+        return JobOutcome(
+            submitted=handle.submitted_rows,
+            failures=failures,
+            vendor_counts={"sent": handle.submitted_rows - len(not_sent)},
+            notes=notes,
+        )
+
+
+def _failure_detail(body: dict[str, Any]) -> str:
+    """``stage STATUS: message`` for the first failed stage, else the job's own errors/status."""
+    for detail in body.get("details") or []:
+        if detail.get("status") == "FAILED":
+            message = detail.get("message")
+            return f"stage {detail.get('stage')} {detail.get('status')}" + (f": {message}" if message else "")
+    errors = body.get("errors") or []
+    if errors:
+        return "; ".join(f"{e.get('code', 'error')}: {e.get('message', '')}" for e in errors)
+    return str(body.get("status", ""))
+
+
+def _required(body: Any, key: str, method: str, path: str) -> str:
+    value = body.get(key) if isinstance(body, dict) else None
+    if not value:
+        raise VendorError(VENDOR, method, path, code="unexpected_response", detail=f"no {key}")
+    return str(value)
+
+
+class AepResource(dg.ConfigurableResource):
+    """Credentials and endpoints of one Experience Platform sandbox (``EnvVar`` keeps them hidden)."""
+
+    base_url: str = "https://platform.adobe.io"
+    ims_url: str = "https://ims-na1.adobelogin.com"
+    client_id: str
+    client_secret: str | None = None
+    access_token: str | None = None
+    org_id: str
+    sandbox_name: str = "prod"
+    scopes: str = "openid,AdobeID,read_organizations,additional_info.projectedProductContext,session"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    timeout_seconds: float = 30.0
+
+    def destination(self, options: dict) -> AepClient:
+        parsed = AepOptions.model_validate(options)
+        auth = ImsAuth(
+            self.ims_url,
+            self.client_id,
+            client_secret=self.client_secret,
+            access_token=self.access_token,
+            scopes=self.scopes,
+            timeout=self.timeout_seconds,
+        )
+        http = VendorHTTP(
+            VENDOR,
+            self.base_url,
+            headers={
+                "x-api-key": self.client_id,
+                "x-gw-ims-org-id": self.org_id,
+                "Accept": "application/json",
+            },
+            timeout=self.timeout_seconds,
+            transport=with_plain_headers({"x-sandbox-name": self.sandbox_name}),
+        )
+        client = AepClient(http, auth, parsed)
+        if isinstance(parsed.storage, DlzStorageOptions):
+            client.storage = LandingZone(VENDOR, parsed.storage, client.landing_zone_credentials)
+        else:
+            client.storage = S3Storage(
+                VENDOR,
+                parsed.storage,
+                access_key_id=self.s3_access_key_id,
+                secret_access_key=self.s3_secret_access_key,
+            )
+        return client

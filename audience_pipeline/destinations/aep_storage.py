@@ -1,0 +1,238 @@
+"""Cloud storage for Experience Platform pushes: the API reads the CSV from storage, never from us.
+
+Two locations, chosen per feed by ``options.storage.type``:
+
+- ``dlz`` (default): the sandbox's Data Landing Zone, an Azure blob container. Its SAS URL comes
+  from the Platform credentials endpoint on every push (it may be rotated) and is a credential:
+  it is registered with the redactor before anything can log it, and the upload client carries
+  no Platform headers. The blob is written with one ``Put Blob`` (``x-ms-blob-type: BlockBlob``),
+  streamed from disk, so files up to Azure's 5,000 MiB single-put limit work in bounded memory.
+- ``s3``: a bucket the organisation connected to Platform as a source connection
+  (``base_connection_id``); written with boto3 (multipart above 8 MB, handled by boto3), with an
+  optional ``endpoint_url`` for S3-compatible stores and tests.
+
+Either way the result is a :class:`StoredFile`: the ``sourceSpec`` path Platform reads
+(``<container>/<blob>`` or ``<bucket>/<key>``) and the modification time the storage recorded,
+which bounds the data-filter window of an ingestion run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal, Protocol
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+
+from audience_pipeline.destinations.http import VendorError, VendorHTTP
+from audience_pipeline.redact import redact, register_secret
+
+MAX_PUT_BLOB_BYTES = 5000 * 1024 * 1024
+
+
+class DlzStorageOptions(BaseModel):
+    """The Data Landing Zone: nothing to configure beyond the folder inside the container."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["dlz"] = "dlz"
+    folder: str = "audience_pipeline"
+
+
+class S3StorageOptions(BaseModel):
+    """An S3 bucket connected to Platform; ``base_connection_id`` is that source connection."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["s3"]
+    bucket: str = Field(min_length=3)
+    prefix: str = ""
+    base_connection_id: str = Field(min_length=1)
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+
+
+StorageOptions = Annotated[DlzStorageOptions | S3StorageOptions, Field(discriminator="type")]
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """An uploaded CSV as Platform will address it."""
+
+    path: str
+    cloud_type: str
+    modified_at: float
+    size: int
+    base_connection_id: str | None = None
+
+    def source_spec(self) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "path": self.path,
+            "type": "file",
+            "sourceType": "Cloud Storage",
+            "cloudType": self.cloud_type,
+        }
+        if self.base_connection_id:
+            params["baseConnectionId"] = self.base_connection_id
+        return {"params": params}
+
+
+class Storage(Protocol):
+    def upload(self, local: Path, file_name: str) -> StoredFile: ...
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+class LandingZone:
+    """Uploads to the Data Landing Zone through the SAS URL that ``credentials()`` returns."""
+
+    def __init__(
+        self,
+        vendor: str,
+        options: DlzStorageOptions,
+        credentials: Callable[[], Mapping[str, Any]],
+        *,
+        timeout: float = 300.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.vendor = vendor
+        self.options = options
+        self._credentials = credentials
+        self._timeout = timeout
+        self._transport = transport
+
+    def upload(self, local: Path, file_name: str) -> StoredFile:
+        size = local.stat().st_size
+        if size > MAX_PUT_BLOB_BYTES:
+            raise ValueError(
+                f"{file_name} is {size} bytes; the Data Landing Zone takes at most "
+                f"{MAX_PUT_BLOB_BYTES} per file"
+            )
+        creds = self._credentials()
+        sas_uri = str(creds.get("SASUri") or "")
+        token = str(creds.get("SASToken") or "")
+        container = str(creds.get("containerName") or "")
+        register_secret(sas_uri, token, *_sas_signatures(token))
+        if not sas_uri or not container:
+            raise VendorError(
+                self.vendor, "GET", "landing zone credentials", code="unexpected_response", detail="no SASUri"
+            )
+        base, _, query = sas_uri.partition("?")
+        blob = _join(self.options.folder, file_name)
+        url = f"{base.rstrip('/')}/{quote(blob)}?{query or token}"
+        with (
+            VendorHTTP(
+                self.vendor,
+                base,
+                secrets=[sas_uri, token],
+                timeout=self._timeout,
+                transport=with_plain_headers({"x-ms-blob-type": "BlockBlob"}, self._transport),
+            ) as http,
+            open(local, "rb") as body,
+        ):
+            response = http.request(
+                "PUT", url, content=body, headers={"Content-Type": "text/csv"}, expected=(201,)
+            )
+        return StoredFile(
+            path=_join(container, blob),
+            cloud_type="DLZ",
+            modified_at=_http_date(response.headers.get("Last-Modified")),
+            size=size,
+        )
+
+
+def _sas_signatures(token: str) -> list[str]:
+    return [part.partition("=")[2] for part in token.split("&") if part.startswith("sig=")]
+
+
+def _http_date(value: str | None) -> float:
+    if not value:
+        raise ValueError("the storage answered without Last-Modified; cannot bound the run's data window")
+    return parsedate_to_datetime(value).timestamp()
+
+
+class S3Storage:
+    """Writes the CSV to ``s3://bucket/prefix/file_name`` with boto3 (credentials: explicit or
+    boto3's default chain)."""
+
+    def __init__(
+        self,
+        vendor: str,
+        options: S3StorageOptions,
+        *,
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+        client: Any = None,
+    ) -> None:
+        self.vendor = vendor
+        self.options = options
+        register_secret(secret_access_key)
+        if client is None:
+            import boto3
+
+            client = boto3.client(
+                "s3",
+                endpoint_url=options.endpoint_url,
+                region_name=options.region,
+                aws_access_key_id=access_key_id,
+                aws_secret_access_key=secret_access_key,
+            )
+        self._client = client
+
+    def upload(self, local: Path, file_name: str) -> StoredFile:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        key = _join(self.options.prefix, file_name)
+        where = f"s3://{self.options.bucket}/{key}"
+        try:
+            self._client.upload_file(
+                str(local), self.options.bucket, key, ExtraArgs={"ContentType": "text/csv"}
+            )
+            head = self._client.head_object(Bucket=self.options.bucket, Key=key)
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            raise VendorError(
+                self.vendor,
+                "PUT",
+                where,
+                code=str(error.get("Code") or "s3_error"),
+                detail=redact(str(error.get("Message") or exc)),
+            ) from None
+        except (BotoCoreError, OSError) as exc:
+            raise VendorError(self.vendor, "PUT", where, code="s3_error", detail=redact(str(exc))) from None
+        return StoredFile(
+            path=_join(self.options.bucket, key),
+            cloud_type="S3",
+            modified_at=head["LastModified"].timestamp(),
+            size=int(head["ContentLength"]),
+            base_connection_id=self.options.base_connection_id,
+        )
+
+
+class _PlainHeaders(httpx.BaseTransport):
+    """Adds headers that are not credentials below :class:`VendorHTTP`, which would otherwise
+    register their values (``prod``, ``BlockBlob``) as secrets and mask those words in every log."""
+
+    def __init__(self, headers: Mapping[str, str], inner: httpx.BaseTransport) -> None:
+        self._headers = dict(headers)
+        self._inner = inner
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for name, value in self._headers.items():
+            request.headers.setdefault(name, value)
+        return self._inner.handle_request(request)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def with_plain_headers(
+    headers: Mapping[str, str], transport: httpx.BaseTransport | None = None
+) -> httpx.BaseTransport:
+    return _PlainHeaders(headers, transport or httpx.HTTPTransport())

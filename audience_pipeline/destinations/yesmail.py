@@ -1,0 +1,381 @@
+"""Yesmail target lists: members posted as JSON batches, one async ticket per batch.
+
+Protocol choices where the vendor document is vague (the sandbox agrees with each):
+- ``POST {base}/v2/target-lists/{list}/members/import`` with ``Api-User``/``Api-Key`` headers and
+  ``{"importType", "errorThreshold", "members": [...]}``; 202 names the ticket in
+  ``Content-Location`` (``.../v2/tickets/{id}``), which is followed as given.
+- A member is ``{"id", ...attributes}``: ``id`` is the feed's ``id_field`` column (``email`` by
+  default), lower-cased when it is an email (the vendor refuses upper case); attributes are the
+  ``attributes`` option (Yesmail attribute name → canonical column); empty cells are left out,
+  so ``update`` never blanks a value the HR file just lacks.
+- Rows go in batches of at most ``max_members_per_request`` members and ``max_request_bytes``.
+  A 413 halves the batch and retries both halves (down to one member), and later batches use
+  the smaller size: the vendor's member limit is not published. Batches are sent
+  ``max_in_flight`` at a time.
+- ``errorThreshold`` travels unchanged in each request, so Yesmail applies it per batch: a count
+  N stops a batch at its N-th failure, "P%" when more than P% of a batch failed.
+- ``responseRef`` is ``<feed>:<partition>:<first row>`` so a ticket can be traced back; Yesmail
+  echoes it as the ticket's ``request.id`` and ``status`` checks it.
+- Ticket states ``accepted`` (pending) → ``processing``/``retrying`` (running) → ``completed`` |
+  ``failed``. A ticket that ended has ``response.location``, the async results: ``failed`` and
+  ``ignored`` entries are 0-based indexes into the batch's ``members``. Ignored members (already
+  on the list with ``importType: ignore``) are ``outcome="ignored"``. Members in no list of a
+  ``failed`` ticket (stopped by ``errorThreshold``) were not imported: they fail with the ticket's
+  message. A ``failed`` ticket without results fails all its rows. ``vendor_counts`` sums the
+  results' counts, with ``processed`` = ``completed``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar, Literal
+from urllib.parse import quote
+
+import dagster as dg
+import pandas as pd
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from audience_pipeline.destinations.base import (
+    ChunkJob,
+    JobHandle,
+    JobOutcome,
+    JobState,
+    JobStatus,
+    RowFailure,
+    combine_states,
+)
+from audience_pipeline.destinations.http import VendorError, VendorHTTP, VendorHTTPError
+from audience_pipeline.destinations.json_batches import Batch, encode_records, pack_batches, send_concurrently
+
+VENDOR = "yesmail"
+logger = logging.getLogger("audience_pipeline.yesmail")
+_STATES = {
+    "accepted": JobState.PENDING,
+    "processing": JobState.RUNNING,
+    "retrying": JobState.RUNNING,
+    "completed": JobState.SUCCEEDED,
+    "failed": JobState.FAILED,
+}
+_PERCENT = re.compile(r"^\d+(\.\d+)?%$")
+DEFAULT_ATTRIBUTES = {"FIRSTNAME": "first_name", "LASTNAME": "last_name"}
+IGNORED_REASON = "already on the target list; importType ignore kept the existing member"
+
+
+class YesmailOptions(BaseModel):
+    """Feed options for Yesmail; ``id_field`` and ``attributes`` values name canonical columns."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target_list: str = Field(min_length=1)
+    import_type: Literal["ignore", "update"] = "update"
+    error_threshold: int | str = 0
+    id_field: str = "email"
+    attributes: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_ATTRIBUTES))
+    response_uri: str | None = None
+
+    @field_validator("error_threshold")
+    @classmethod
+    def _threshold(cls, value: int | str) -> int | str:
+        if isinstance(value, int):
+            if value < 0:
+                raise ValueError("error_threshold must be 0 (no check), a count, or a percentage like '5%'")
+            return value
+        text = value.strip()
+        if not _PERCENT.match(text) or not 0 < float(text[:-1]) < 100:
+            raise ValueError("error_threshold must be a count or a percentage between 0% and 100%, e.g. '5%'")
+        return text
+
+    def column_problems(self, columns: list[str]) -> list[tuple[str | None, str]]:
+        """Options that name columns the feed does not produce; default attributes may be absent."""
+        problems: list[tuple[str | None, str]] = []
+        if self.id_field not in columns:
+            problems.append(("id_field", f"{self.id_field!r} is not a column of this feed: {columns}"))
+        if "attributes" in self.model_fields_set:
+            for name, column in self.attributes.items():
+                if column not in columns:
+                    problems.append(
+                        ("attributes", f"{name}: {column!r} is not a column of this feed: {columns}")
+                    )
+        return problems
+
+
+class YesmailClient:
+    vendor: ClassVar[str] = VENDOR
+
+    def __init__(
+        self,
+        http: VendorHTTP,
+        options: YesmailOptions,
+        *,
+        max_members_per_request: int = 1000,
+        max_request_bytes: int = 10_000_000,
+        max_in_flight: int = 4,
+    ) -> None:
+        self.http = http
+        self.options = options
+        self.max_in_flight = max_in_flight
+        self.max_request_bytes = max_request_bytes
+        self._limit = max_members_per_request
+        self._limit_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.http.close()
+
+    @property
+    def members_per_request(self) -> int:
+        """The current batch size: the configured one, or less after the vendor answered 413."""
+        return self._limit
+
+    def members(self, rows: pd.DataFrame) -> pa.Array:
+        """One JSON member per row: the id (lower-cased when it is an email) plus attributes."""
+        ids = rows[self.options.id_field].astype("str")
+        ids = ids.where(~ids.str.contains("@", regex=False, na=False), ids.str.lower())
+        frame = pd.DataFrame({"id": ids})
+        spec: dict[str, str] = {"id": "id"}
+        for name, column in self.options.attributes.items():
+            if column in rows.columns:
+                frame[f"attr:{name}"] = rows[column]
+                spec[name] = f"attr:{name}"
+        return encode_records(frame, spec)
+
+    def _envelope(self) -> tuple[bytes, bytes]:
+        head = json.dumps(
+            {"importType": self.options.import_type, "errorThreshold": self.options.error_threshold}
+        )
+        return head[:-1].encode() + b',"members":[', b"]}"
+
+    def submit(self, rows: pd.DataFrame, *, feed: str, partition: str) -> JobHandle:
+        records = self.members(rows)
+        head, tail = self._envelope()
+        path = f"/v2/target-lists/{quote(self.options.target_list, safe='')}/members/import"
+        template: dict[str, str] = {}
+
+        def post(batch: Batch) -> list[ChunkJob]:
+            if batch.row_count > self._limit:
+                return send_all(self._split(records, batch, head, tail, self._limit))
+            params = {"responseRef": f"{feed}:{partition}:{batch.first_row}"}
+            if self.options.response_uri:
+                params["responseUri"] = self.options.response_uri
+            try:
+                response = self.http.request(
+                    "POST",
+                    path,
+                    content=batch.body,
+                    params=params,
+                    headers={"Content-Type": "application/json"},
+                    expected=(202,),
+                    idempotent=False,
+                )
+            except VendorHTTPError as exc:
+                if exc.status != 413 or batch.row_count == 1:
+                    raise
+                half = math.ceil(batch.row_count / 2)
+                with self._limit_lock:
+                    self._limit = min(self._limit, half)
+                logger.warning(
+                    "%s: 413 for %d members; halving batches to at most %d",
+                    VENDOR,
+                    batch.row_count,
+                    self._limit,
+                )
+                return send_all(self._split(records, batch, head, tail, half))
+            ticket_id = self._ticket_id(response, template)
+            return [ChunkJob(job_id=ticket_id, first_row=batch.first_row, row_count=batch.row_count)]
+
+        def send_all(batches: Iterable[Batch]) -> list[ChunkJob]:
+            return [job for batch in batches for job in post(batch)]
+
+        batches = pack_batches(
+            records, head=head, tail=tail, max_rows=self._limit, max_bytes=self.max_request_bytes
+        )
+        nested = send_concurrently(post, batches, max_in_flight=self.max_in_flight)
+        jobs = [job for group in nested for job in group]
+        return JobHandle(
+            vendor=VENDOR,
+            feed=feed,
+            partition=partition,
+            jobs=jobs,
+            submitted_rows=len(rows),
+            extra={
+                "target_list": self.options.target_list,
+                "import_type": self.options.import_type,
+                "ticket_url": template.get("url", "/v2/tickets/{id}"),
+                "members_per_request": self._limit,
+            },
+        )
+
+    def _split(self, records: pa.Array, batch: Batch, head: bytes, tail: bytes, size: int) -> Iterable[Batch]:
+        part = records.slice(batch.first_row, batch.row_count)
+        return pack_batches(
+            part,
+            head=head,
+            tail=tail,
+            max_rows=size,
+            max_bytes=self.max_request_bytes,
+            first_row=batch.first_row,
+        )
+
+    def _ticket_id(self, response: Any, template: dict[str, str]) -> str:
+        location = response.headers.get("Content-Location", "")
+        ticket_id = location.rstrip("/").rsplit("/", 1)[-1] if "/tickets/" in location else ""
+        if not ticket_id:
+            body = response.json() if response.content else {}
+            ticket_id = str(body.get("id") or "") if isinstance(body, dict) else ""
+        if not ticket_id:
+            raise VendorError(
+                VENDOR, "POST", "members/import", code="unexpected_response", detail="no ticket"
+            )
+        if location and "url" not in template:
+            template["url"] = location[: -len(ticket_id)] + "{id}"
+        return ticket_id
+
+    def _ticket(self, handle: JobHandle, job: ChunkJob) -> dict[str, Any]:
+        url = str(handle.extra.get("ticket_url", "/v2/tickets/{id}")).replace("{id}", job.job_id)
+        ticket = self.http.json("GET", url)
+        if not isinstance(ticket, dict):
+            raise VendorError(
+                VENDOR, "GET", url, code="unexpected_response", detail="ticket is not an object"
+            )
+        ref = (ticket.get("request") or {}).get("id")
+        expected = f"{handle.feed}:{handle.partition}:{job.first_row}"
+        if ref is not None and ref != expected:
+            raise VendorError(
+                VENDOR, "GET", url, code="ticket_mismatch", detail=f"ticket {job.job_id} belongs to {ref}"
+            )
+        return ticket
+
+    def _map(self, handle: JobHandle, fn, jobs: list[ChunkJob]) -> list:
+        if len(jobs) == 1:
+            return [fn(handle, jobs[0])]
+        with ThreadPoolExecutor(max_workers=self.max_in_flight, thread_name_prefix="yesmail-poll") as pool:
+            return list(pool.map(lambda job: fn(handle, job), jobs))
+
+    def status(self, handle: JobHandle) -> JobStatus:
+        """Polls tickets a window at a time and stops at a window with one still running."""
+        states: list[str] = []
+        window = self.max_in_flight * 2
+        for start in range(0, len(handle.jobs), window):
+            tickets = self._map(handle, self._ticket, handle.jobs[start : start + window])
+            states += [str(t.get("state")) for t in tickets]
+            if not all(_STATES.get(s, JobState.RUNNING).terminal for s in states[-len(tickets) :]):
+                break
+        known = [_STATES.get(s, JobState.RUNNING) for s in states]
+        known += [JobState.PENDING] * (len(handle.jobs) - len(states))
+        state = combine_states(known)
+        if state is JobState.SUCCEEDED:
+            vendor_status = "completed"
+        elif state is JobState.FAILED:
+            vendor_status = "failed"
+        else:
+            vendor_status = next(
+                (s for s in states if not _STATES.get(s, JobState.RUNNING).terminal), "accepted"
+            )
+        done = sum(s.terminal for s in known)
+        detail = f"{done}/{len(known)} tickets ended"
+        return JobStatus(
+            state=state, vendor_status=vendor_status, progress=100 * done / len(known), detail=detail
+        )
+
+    def _results(self, handle: JobHandle, job: ChunkJob) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        ticket = self._ticket(handle, job)
+        location = (ticket.get("response") or {}).get("location")
+        results = self.http.json("GET", location) if location else None
+        return ticket, results
+
+    def outcome(self, handle: JobHandle) -> JobOutcome:
+        failures: list[RowFailure] = []
+        notes: list[str] = []
+        counts = {"requested": 0, "total": 0, "completed": 0, "failed": 0, "ignored": 0}
+        for job, (ticket, results) in zip(
+            handle.jobs, self._map(handle, self._results, handle.jobs), strict=True
+        ):
+            job_failures, job_notes = _job_failures(job, ticket, results)
+            failures += job_failures
+            notes += job_notes
+            for key in counts:
+                counts[key] += int(((results or {}).get("counts") or {}).get(key) or 0)
+        counts["processed"] = counts["completed"]
+        failures.sort(key=lambda f: f.row)
+        return JobOutcome(
+            submitted=handle.submitted_rows, failures=failures, vendor_counts=counts, notes=notes
+        )
+
+
+def _job_failures(
+    job: ChunkJob, ticket: dict[str, Any], results: dict[str, Any] | None
+) -> tuple[list[RowFailure], list[str]]:
+    """One ticket's rows that were not imported, by position in the submitted frame."""
+    state = str(ticket.get("state"))
+    message = str(ticket.get("message") or "").strip()
+    if results is None:
+        if state == "completed":
+            return [], [f"ticket {job.job_id} completed without async results"]
+        reason = f"Yesmail ticket {state}: {message or 'no details'}"
+        return [RowFailure(row=job.first_row + i, reason=reason) for i in range(job.row_count)], []
+    notes: list[str] = []
+    decided: dict[int, RowFailure] = {}
+    completed: set[int] = set()
+
+    def index_of(entry: Any, kind: str) -> int | None:
+        index = entry.get("index") if isinstance(entry, dict) else None
+        if isinstance(index, int) and 0 <= index < job.row_count:
+            return index
+        notes.append(f"ticket {job.job_id}: {kind} entry {entry!r} is outside the batch")
+        return None
+
+    for entry in results.get("completed") or []:
+        if (index := index_of(entry, "completed")) is not None:
+            completed.add(index)
+    for entry in results.get("ignored") or []:
+        if (index := index_of(entry, "ignored")) is not None:
+            decided[index] = RowFailure(row=job.first_row + index, reason=IGNORED_REASON, outcome="ignored")
+    for entry in results.get("failed") or []:
+        if (index := index_of(entry, "failed")) is not None:
+            reason = str(entry.get("message") or "failed at Yesmail")
+            decided[index] = RowFailure(row=job.first_row + index, reason=reason)
+    if state == "failed":
+        reason = f"not imported: Yesmail stopped this batch ({message or 'ticket failed'})"
+        for index in range(job.row_count):
+            if index not in decided and index not in completed:
+                decided[index] = RowFailure(row=job.first_row + index, reason=reason)
+    else:
+        unreported = job.row_count - len(completed | set(decided))
+        if unreported:
+            notes.append(
+                f"ticket {job.job_id}: {unreported} member(s) in no result list were counted as imported"
+            )
+    return list(decided.values()), notes
+
+
+class YesmailResource(dg.ConfigurableResource):
+    """Credentials and limits of one Yesmail account (``EnvVar`` keeps the credentials hidden)."""
+
+    base_url: str = "https://api.yesmail.com"
+    api_user: str
+    api_key: str
+    timeout_seconds: float = 30.0
+    max_in_flight: int = 4
+    max_members_per_request: int = 1000
+    max_request_bytes: int = 10_000_000
+
+    def destination(self, options: dict) -> YesmailClient:
+        http = VendorHTTP(
+            VENDOR,
+            self.base_url,
+            headers={"Api-User": self.api_user, "Api-Key": self.api_key, "Accept": "application/json"},
+            timeout=self.timeout_seconds,
+        )
+        return YesmailClient(
+            http,
+            YesmailOptions.model_validate(options),
+            max_members_per_request=self.max_members_per_request,
+            max_request_bytes=self.max_request_bytes,
+            max_in_flight=self.max_in_flight,
+        )

@@ -1,0 +1,273 @@
+"""AepClient against an in-test emulation of IMS, the external-audiences API and the landing zone.
+
+``httpx.MockTransport`` answers, so token caching, headers, request bodies, the 409 wait, the
+data-filter window and error redaction are the real code.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pandas as pd
+import pytest
+
+from audience_pipeline.destinations import aep
+from audience_pipeline.destinations.aep import VENDOR, AepClient, AepOptions, ImsAuth
+from audience_pipeline.destinations.aep_storage import DlzStorageOptions, LandingZone, with_plain_headers
+from audience_pipeline.destinations.base import JobState
+from audience_pipeline.destinations.http import RetryPolicy, VendorAuthError, VendorHTTP
+from audience_pipeline.feeds.loader import FeedsFileError, load_feeds
+
+CLIENT_ID = "aep-unit-client-5c2e8f"
+SECRET = "aep-unit-secret-9d41b7a2"
+ORG = "UNIT0000@AdobeOrg"
+SIG = "unitSasSignature0123456789"
+BASE = "https://platform.example.test"
+IMS = "https://ims.example.test"
+MTIME = 1_790_000_000.0
+AIS = "/data/core/ais"
+
+
+@dataclass
+class FakeAep:
+    audiences: list[dict[str, Any]] = field(default_factory=list)
+    requests: list[httpx.Request] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+    valid: set[str] = field(default_factory=set)
+    conflicts: int = 0
+    run_status: dict[str, Any] = field(default_factory=lambda: {"status": "SUCCESS", "details": []})
+    blobs: dict[str, bytes] = field(default_factory=dict)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        path, method = request.url.path, request.method
+        if request.url.host == "ims.example.test":
+            form = dict(x.split("=", 1) for x in request.content.decode().split("&"))
+            if form.get("client_secret") != SECRET:
+                return httpx.Response(
+                    401, json={"error": "invalid_client", "error_description": f"bad {SECRET}"}
+                )
+            token = f"token-{uuid.uuid4()}"
+            self.tokens.append(token)
+            self.valid.add(token)
+            return httpx.Response(200, json={"access_token": token, "expires_in": 86399})
+        if request.url.host == "dlz.example.test":
+            assert "authorization" not in request.headers and "x-api-key" not in request.headers
+            assert request.headers["x-ms-blob-type"] == "BlockBlob" and request.url.params["sig"] == SIG
+            self.blobs[path] = request.read()
+            return httpx.Response(201, headers={"Last-Modified": formatdate(MTIME, usegmt=True)})
+        assert request.headers["x-sandbox-name"] == "prod" and request.headers["x-api-key"] == CLIENT_ID
+        if request.headers.get("authorization", "").removeprefix("Bearer ") not in self.valid:
+            return httpx.Response(401, json={"error_code": "100920-401", "message": "token expired"})
+        if path.endswith("/landingzone/credentials"):
+            token = f"sv=2020-10-02&sr=c&sp=racwdl&sig={SIG}"
+            uri = f"https://dlz.example.test/dlz-user-container?{token}"
+            return httpx.Response(
+                200, json={"containerName": "dlz-user-container", "SASToken": token, "SASUri": uri}
+            )
+        if path == f"{AIS}/external-audiences":
+            return httpx.Response(200, json={"audiences": self.audiences})
+        if path == f"{AIS}/external-audience/" and method == "POST":
+            return httpx.Response(
+                202, json={"operationId": "op-1", "operationDetails": json.loads(request.content)}
+            )
+        if path.startswith(f"{AIS}/external-audiences/operations/"):
+            return httpx.Response(200, json={"operationId": "op-1", **self.run_status})
+        if path.endswith("/runs") and method == "POST":
+            if self.conflicts:
+                self.conflicts -= 1
+                return httpx.Response(409, json={"error_code": "100950-409", "message": "run in progress"})
+            return httpx.Response(200, json={"runId": "run-1", **json.loads(request.content)})
+        if path.endswith("/runs"):
+            return httpx.Response(200, json={"runs": []})
+        if "/runs/" in path:
+            return httpx.Response(200, json={"runId": "run-1", **self.run_status})
+        if method == "PATCH":
+            return httpx.Response(200, json={})
+        if method == "GET":
+            return httpx.Response(200, json={**self.audiences[0], "status": "ACTIVE"})
+        return httpx.Response(404, json={"error_code": "100940-404", "message": path})
+
+    def bodies(self, method: str, suffix: str) -> list[dict[str, Any]]:
+        return [
+            json.loads(r.content) for r in self.requests if r.method == method and r.url.path.endswith(suffix)
+        ]
+
+
+@pytest.fixture(autouse=True)
+def _no_cached_tokens():
+    aep._TOKENS.clear()
+    yield
+    aep._TOKENS.clear()
+
+
+def make_client(fake: FakeAep, sleeps: list[float] | None = None, **options: Any) -> AepClient:
+    transport = httpx.MockTransport(fake)
+    auth = ImsAuth(IMS, CLIENT_ID, client_secret=SECRET, scopes="openid", transport=transport)
+    http = VendorHTTP(
+        VENDOR,
+        BASE,
+        headers={"x-api-key": CLIENT_ID, "x-gw-ims-org-id": ORG},
+        transport=with_plain_headers({"x-sandbox-name": "prod"}, transport),
+        retry=RetryPolicy(attempts=1),
+    )
+    defaults: dict[str, Any] = {"poll_interval_seconds": 0.5, "run_wait_seconds": 10}
+    opts = AepOptions(
+        audience_name="All staff", attribute_types={"start_date": "date"}, **{**defaults, **options}
+    )
+    client = AepClient(http, auth, opts, sleep=(sleeps if sleeps is not None else []).append)
+    client.storage = LandingZone(
+        VENDOR, DlzStorageOptions(folder="hr"), client.landing_zone_credentials, transport=transport
+    )
+    return client
+
+
+def rows() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "unique_id": ["E1", "E2", "E3"],
+            "email": ["a@x.com", None, "c@x.com"],
+            "start_date": ["2024-01-02", "2024-02-03", None],
+            "source_line": [2, 3, 4],
+        }
+    ).astype({"unique_id": "str", "email": "str", "start_date": "str"})
+
+
+def existing_audience(**changes: Any) -> dict[str, Any]:
+    fields = [
+        {"name": "unique_id", "type": "string"},
+        {"name": "email", "type": "string", "identityNs": "email"},
+        {"name": "start_date", "type": "date"},
+    ]
+    return {"audienceId": "aud-1", "customAudienceId": "audience_pipeline.staff", "fields": fields,
+            "labels": [], "ttlInDays": 30, **changes}  # fmt: skip
+
+
+def test_first_push_uploads_to_the_landing_zone_and_creates_a_typed_audience() -> None:
+    fake = FakeAep()
+    handle = make_client(fake).submit(rows(), feed="staff", partition="p@1")
+
+    [create] = fake.bodies("POST", "/external-audience/")
+    assert create["customAudienceId"] == "audience_pipeline.staff" and create["originName"] == "CUSTOM_UPLOAD"
+    assert create["fields"] == existing_audience()["fields"]
+    assert create["sourceSpec"] == {
+        "params": {"path": "dlz-user-container/hr/staff.csv", "type": "file",
+                   "sourceType": "Cloud Storage", "cloudType": "DLZ"}
+    }  # fmt: skip
+    assert fake.blobs["/dlz-user-container/hr/staff.csv"].decode().splitlines() == [
+        "unique_id,email,start_date",
+        "E1,a@x.com,2024-01-02",
+        "E3,c@x.com,",
+    ]
+    assert handle.extra["kind"] == "operation" and handle.jobs[0].job_id == "op-1"
+    assert handle.extra["not_sent_rows"] == [1] and handle.submitted_rows == 3
+
+
+def test_token_is_cached_across_clients_and_renewed_after_a_401() -> None:
+    fake = FakeAep(run_status={"status": "PROCESSING"})
+    handle = make_client(fake).submit(rows(), feed="staff", partition="p@1")
+    assert make_client(fake).status(handle).state is JobState.RUNNING
+    assert len(fake.tokens) == 1
+    fake.valid.clear()  # the token expired early
+    assert make_client(fake).status(handle).state is JobState.RUNNING
+    assert len(fake.tokens) == 2
+
+
+def test_later_push_patches_waits_for_the_running_ingestion_and_starts_a_windowed_run() -> None:
+    fake = FakeAep(audiences=[existing_audience(ttlInDays=60, labels=["C1"])], conflicts=2)
+    sleeps: list[float] = []
+    handle = make_client(fake, sleeps).submit(rows(), feed="staff", partition="p@2")
+
+    assert fake.bodies("PATCH", "/aud-1") == [{"labels": [], "ttlInDays": 30}]
+    assert sleeps == [0.5, 0.5]
+    assert fake.bodies("POST", "/runs")[-1] == {
+        "dataFilterStartTime": int(MTIME),
+        "dataFilterEndTime": int(MTIME) + 1,
+    }
+    assert handle.extra["kind"] == "run" and handle.jobs[0].job_id == "run-1"
+
+
+def test_a_busy_audience_fails_with_a_clear_message_after_the_wait() -> None:
+    fake = FakeAep(audiences=[existing_audience()], conflicts=10_000)
+    client = make_client(fake, run_wait_seconds=0)
+    with pytest.raises(Exception, match="still in progress after 0 s"):
+        client.submit(rows(), feed="staff", partition="p@2")
+
+
+def test_field_changes_the_api_cannot_patch_are_refused() -> None:
+    fields = [
+        {"name": "unique_id", "type": "string"},
+        {"name": "email", "type": "string", "identityNs": "email"},
+    ]
+    fake = FakeAep(audiences=[existing_audience(fields=fields)])
+    with pytest.raises(ValueError, match="fields cannot be changed"):
+        make_client(fake).submit(rows(), feed="staff", partition="p@2")
+    assert not fake.blobs
+
+
+def test_a_failed_run_fails_every_sent_row_with_its_stage_and_the_rest_for_missing_identity() -> None:
+    details = [
+        {"stage": "DATASET_INGEST", "status": "SUCCESS"},
+        {"stage": "PROFILE_STORE_INGEST", "status": "FAILED", "message": "store down"},
+    ]
+    fake = FakeAep(audiences=[existing_audience()], run_status={"status": "FAILED", "details": details})
+    client = make_client(fake)
+    handle = client.submit(rows(), feed="staff", partition="p@2")
+    assert client.status(handle).state is JobState.FAILED
+
+    outcome = client.outcome(handle)
+    assert [(f.row, f.outcome) for f in outcome.failures] == [(0, "failed"), (1, "failed"), (2, "failed")]
+    assert "no email value" in outcome.failures[1].reason
+    assert "stage PROFILE_STORE_INGEST FAILED: store down" in outcome.failures[0].reason
+    assert outcome.imported == 0 and "processed" not in outcome.vendor_counts
+    assert any("no row-level results" in n for n in outcome.notes)
+
+
+def test_a_succeeded_run_imports_every_sent_row() -> None:
+    fake = FakeAep(audiences=[existing_audience()])
+    client = make_client(fake)
+    outcome = client.outcome(client.submit(rows(), feed="staff", partition="p@2"))
+    assert outcome.imported == 2 and [f.row for f in outcome.failures] == [1]
+
+
+def test_credentials_never_appear_in_errors() -> None:
+    fake = FakeAep()
+    transport = httpx.MockTransport(fake)
+    auth = ImsAuth(IMS, CLIENT_ID, client_secret=SECRET + "-wrong", transport=transport)
+    with pytest.raises(VendorAuthError) as caught:
+        auth.token()
+    assert "401" in str(caught.value) and SECRET not in str(caught.value)
+
+
+def test_options_are_checked_and_typed_from_the_mapping_when_the_feeds_file_loads(tmp_path: Path) -> None:
+    text = """
+sources: {drop: {type: folder, path: in}}
+destinations:
+  aep: {type: adobe_experience_platform, client_id: "${ID}", client_secret: "${S}", org_id: "${O}"}
+feeds:
+  - name: staff
+    source: drop
+    destination: aep
+    mapping:
+      unique_id: Id
+      email: Email
+      attributes: {start: {header: Start, type: date}, level: {header: Level, type: integer}}
+    options: {audience_name: Staff, identity_field: %s}
+"""
+    good = tmp_path / "good.yaml"
+    good.write_text(text % "email", "utf-8")
+    options = AepOptions.model_validate(load_feeds(good).feeds[0].options)
+    assert options.attribute_types == {"start": "date", "level": "integer"}
+    assert [f["type"] for f in options.fields(["unique_id", "email", "start", "level"])] == [
+        "string", "string", "date", "integer",
+    ]  # fmt: skip
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text % "mobile_phone", "utf-8")
+    with pytest.raises(FeedsFileError, match=r"feeds\[0\]\.options\.identity_field"):
+        load_feeds(bad)

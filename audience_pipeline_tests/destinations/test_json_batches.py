@@ -1,0 +1,243 @@
+"""The shared JSON-batch encoder, packer and concurrent sender.
+
+The encoder is checked property-style against ``json.loads``/``json.dumps`` over seeded random
+nasty strings (no hypothesis dependency), and the packer against the limits it must respect.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from audience_pipeline.destinations.json_batches import Batch, encode_records, pack_batches, send_concurrently
+
+NASTY = [
+    '"',
+    "\\",
+    "\n",
+    "\r",
+    "\t",
+    "\b",
+    "\f",
+    "/",
+    "\x7f",
+    "\u2028",
+    "é",
+    "Ω",
+    "😀",
+    "\\u0041",
+    "'",
+    "}",
+    "]",
+    ",",
+]
+NASTY += [chr(c) for c in range(0x20)]
+
+
+def _nasty_string(rng: random.Random) -> str:
+    pieces = [
+        rng.choice(NASTY) if rng.random() < 0.5 else rng.choice("abcXYZ019 ")
+        for _ in range(rng.randint(1, 12))
+    ]
+    return "".join(pieces)
+
+
+def _strings(values: list[str | None]) -> pd.Series:
+    return pd.Series(values, dtype="str")
+
+
+def _expected(value: str | None) -> bool:
+    return value is not None and value != ""
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_nasty_strings_round_trip_like_json_dumps(seed: int) -> None:
+    rng = random.Random(seed)
+    rows = 300
+    columns = {
+        name: [
+            None if rng.random() < 0.1 else "" if rng.random() < 0.05 else _nasty_string(rng)
+            for _ in range(rows)
+        ]
+        for name in ("a", "b", "c")
+    }
+    frame = pd.DataFrame({name: _strings(values) for name, values in columns.items()})
+    spec = {"id": "a", 'we"ird\\key\n': "b", "nested": {"c": "c", "again": "a"}}
+
+    encoded = encode_records(frame, spec).to_pylist()
+
+    assert len(encoded) == rows
+    for i, text in enumerate(encoded):
+        expected: dict = {}
+        if _expected(columns["a"][i]):
+            expected["id"] = columns["a"][i]
+        if _expected(columns["b"][i]):
+            expected['we"ird\\key\n'] = columns["b"][i]
+        nested = {k: columns[col][i] for k, col in (("c", "c"), ("again", "a")) if _expected(columns[col][i])}
+        expected["nested"] = nested
+        assert json.loads(text) == expected
+        # Same text as json.dumps in compact, UTF-8 form: key order kept, nothing extra.
+        assert text == json.dumps(expected, ensure_ascii=False, separators=(",", ":"))
+
+
+def test_control_characters_use_json_dumps_escapes() -> None:
+    every = "".join(chr(c) for c in range(0x20)) + '"\\'
+    frame = pd.DataFrame({"v": _strings([every])})
+    (text,) = encode_records(frame, {"v": "v"}).to_pylist()
+    assert text == json.dumps({"v": every}, ensure_ascii=False, separators=(",", ":"))
+    assert "\\n" in text and "\\u0000" in text and "\\u001f" in text
+
+
+def test_nulls_empties_and_missing_members() -> None:
+    frame = pd.DataFrame({"a": _strings([None, "", "x", None]), "b": _strings([None, None, None, "y"])})
+    encoded = encode_records(frame, {"a": "a", "b": "b", "n": {"a": "a"}}).to_pylist()
+    assert encoded == ['{"n":{}}', '{"n":{}}', '{"a":"x","n":{"a":"x"}}', '{"b":"y","n":{}}']
+    assert encode_records(frame, {"a": "a", "b": "b"}).to_pylist() == ["{}", "{}", '{"a":"x"}', '{"b":"y"}']
+
+
+def test_numbers_and_booleans_are_json_scalars() -> None:
+    frame = pd.DataFrame({"i": [1, -2], "f": [1.5, np.nan], "t": [True, False]})
+    encoded = encode_records(frame, {"i": "i", "f": "f", "t": "t"}).to_pylist()
+    assert [json.loads(t) for t in encoded] == [{"i": 1, "f": 1.5, "t": True}, {"i": -2, "t": False}]
+
+
+def test_result_type_empty_frame_and_unknown_column() -> None:
+    frame = pd.DataFrame({"a": _strings(["x"])})
+    assert encode_records(frame, {"a": "a"}).type == pa.large_string()
+    assert len(encode_records(frame.iloc[:0], {"a": "a"})) == 0
+    with pytest.raises(KeyError, match="nope"):
+        encode_records(frame, {"a": "nope"})
+
+
+def _records(n: int, width: int = 5) -> pa.Array:
+    rng = random.Random(n)
+    return pa.array(
+        ['{"id":"' + "x" * rng.randint(1, width) + f'{i}"' + "}" for i in range(n)], pa.large_string()
+    )
+
+
+@pytest.mark.parametrize(
+    ("max_rows", "max_bytes"), [(1, 10_000), (7, 10_000), (1000, 120), (1000, 60), (3, 95)]
+)
+def test_pack_batches_respects_limits_and_keeps_every_row(max_rows: int, max_bytes: int) -> None:
+    records = _records(101)
+    head, tail = b'{"token":"t","data":[', b"]}"
+    batches = list(
+        pack_batches(records, head=head, tail=tail, max_rows=max_rows, max_bytes=max_bytes, first_row=10)
+    )
+
+    decoded: list[dict] = []
+    position = 10
+    for batch in batches:
+        assert batch.first_row == position
+        assert 1 <= batch.row_count <= max_rows
+        assert len(batch.body) <= max_bytes
+        assert batch.body.startswith(head) and batch.body.endswith(tail)
+        data = json.loads(batch.body)["data"]
+        assert len(data) == batch.row_count
+        decoded += data
+        position += batch.row_count
+    assert decoded == [json.loads(r) for r in records.to_pylist()]
+
+
+def test_pack_batches_is_greedy_and_exact_at_the_byte_limit() -> None:
+    records = pa.array(["{}"] * 10, pa.large_string())
+    # head 1 + tail 1 + 3 records of 2 bytes + 2 commas = 10 bytes exactly.
+    batches = list(pack_batches(records, head=b"[", tail=b"]", max_rows=100, max_bytes=10))
+    assert [b.row_count for b in batches] == [3, 3, 3, 1]
+    assert batches[0].body == b"[{},{},{}]"
+
+
+def test_pack_batches_names_a_row_that_cannot_fit() -> None:
+    records = pa.array(["{}", '{"long":"' + "x" * 100 + '"}', "{}"], pa.large_string())
+    with pytest.raises(ValueError, match="row 41 "):
+        list(pack_batches(records, head=b"[", tail=b"]", max_rows=10, max_bytes=50, first_row=40))
+
+
+def test_pack_batches_of_nothing_and_chunked_input() -> None:
+    assert (
+        list(pack_batches(pa.array([], pa.large_string()), head=b"[", tail=b"]", max_rows=5, max_bytes=9))
+        == []
+    )
+    chunked = pa.chunked_array([["{}", "{}"], ["{}"]], pa.large_string())
+    (batch,) = pack_batches(chunked, head=b"[", tail=b"]", max_rows=5, max_bytes=100)
+    assert batch.body == b"[{},{},{}]"
+
+
+def _batches(n: int) -> list[Batch]:
+    return [Batch(first_row=i, row_count=1, body=b"{}") for i in range(n)]
+
+
+def test_send_concurrently_keeps_order_and_bounds_in_flight() -> None:
+    lock = threading.Lock()
+    in_flight = peak = 0
+
+    def send(batch: Batch) -> int:
+        nonlocal in_flight, peak
+        with lock:
+            in_flight += 1
+            peak = max(peak, in_flight)
+        time.sleep(0.002 * (batch.first_row % 3))
+        with lock:
+            in_flight -= 1
+        return batch.first_row
+
+    assert send_concurrently(send, _batches(40), max_in_flight=4) == list(range(40))
+    assert 1 < peak <= 4
+
+
+def test_send_concurrently_stops_starting_batches_after_a_failure() -> None:
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def send(batch: Batch) -> int:
+        with lock:
+            started.append(batch.first_row)
+        if batch.first_row == 5:
+            raise RuntimeError("boom at 5")
+        time.sleep(0.01)
+        return batch.first_row
+
+    with pytest.raises(RuntimeError, match="boom at 5"):
+        send_concurrently(send, _batches(100), max_in_flight=3)
+    assert 5 in started
+    assert max(started) <= 5 + 3  # only batches already started (or racing in) ran
+
+
+def test_send_concurrently_pulls_batches_lazily() -> None:
+    produced = 0
+    lock = threading.Lock()
+    high = 0
+
+    def source() -> Iterator[Batch]:
+        nonlocal produced, high
+        for batch in _batches(30):
+            produced += 1
+            with lock:
+                high = max(high, produced - done)
+            yield batch
+
+    done = 0
+
+    def send(batch: Batch) -> None:
+        nonlocal done
+        time.sleep(0.001)
+        with lock:
+            done += 1
+
+    send_concurrently(send, source(), max_in_flight=2)
+    assert produced == 30
+    assert high <= 3  # at most max_in_flight bodies alive besides the one being built
+
+
+def test_send_concurrently_rejects_a_bad_limit() -> None:
+    with pytest.raises(ValueError, match="max_in_flight"):
+        send_concurrently(lambda b: b, _batches(1), max_in_flight=0)

@@ -1,0 +1,320 @@
+"""YesmailClient against an in-test fake of the documented target-list import API.
+
+The fake answers through ``httpx.MockTransport``: everything above the HTTP boundary (member
+JSON, batching, 413 halving, ticket following, result mapping, redaction) is the real code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pandas as pd
+import pytest
+from pydantic import ValidationError
+
+from audience_pipeline.destinations.base import JobState
+from audience_pipeline.destinations.http import RetryPolicy, VendorAuthError, VendorHTTP
+from audience_pipeline.destinations.yesmail import (
+    IGNORED_REASON,
+    YesmailClient,
+    YesmailOptions,
+    YesmailResource,
+)
+
+USER = "ym-unit-user-71c2"
+KEY = "ym-unit-key-9d4e0a6b3f"
+BASE = "https://api.yesmail.example/base"
+
+
+@dataclass
+class FakeYesmail:
+    max_members: int = 1000
+    tickets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    posts: list[dict[str, Any]] = field(default_factory=list)
+    rejected_sizes: list[int] = field(default_factory=list)
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    final_state: str = "completed"
+    running_polls: int = 1
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.headers.get("Api-User") != USER or request.headers.get("Api-Key") != KEY:
+            return httpx.Response(
+                401, json={"error": {"code": "unauthorized", "message": f"bad {request.headers}"}}
+            )
+        path = request.url.path
+        if request.method == "POST" and path.endswith("/members/import"):
+            payload = json.loads(request.content)
+            members = payload["members"]
+            with self.lock:
+                if len(members) > self.max_members:
+                    self.rejected_sizes.append(len(members))
+                    return httpx.Response(413, json={"error": {"code": "too_large", "message": "too many"}})
+                ticket_id = f"t{len(self.posts):04d}"
+                self.posts.append(
+                    {
+                        "payload": payload,
+                        "params": dict(request.url.params),
+                        "path": request.url.raw_path.decode().split("?")[0],
+                    }
+                )
+                self.tickets[ticket_id] = {
+                    "members": members,
+                    "polls": 0,
+                    "ref": request.url.params["responseRef"],
+                }
+            return httpx.Response(
+                202,
+                json={"id": ticket_id, "state": "accepted"},
+                headers={"Content-Location": f"{BASE}/v2/tickets/{ticket_id}"},
+            )
+        if path.startswith("/base/v2/tickets/"):
+            ticket_id = path.rsplit("/", 1)[-1]
+            ticket = self.tickets[ticket_id]
+            ticket["polls"] += 1
+            done = ticket["polls"] > self.running_polls
+            state = self.final_state if done else "processing"
+            body = {
+                "id": ticket_id,
+                "state": state,
+                "message": "threshold reached" if state == "failed" else "working",
+                "request": {"id": ticket["ref"], "user": USER},
+                "response": {"location": f"{BASE}/v2/async-results/r{ticket_id}"} if done else None,
+            }
+            return httpx.Response(200, json=body)
+        if path.startswith("/base/v2/async-results/r"):
+            ticket_id = path.rsplit("/r", 1)[-1]
+            return httpx.Response(200, json=self.results.get(ticket_id) or self._results(ticket_id))
+        return httpx.Response(404, json={"error": {"code": "not_found", "message": path}})
+
+    def _results(self, ticket_id: str) -> dict[str, Any]:
+        """Members whose id starts with 'bad' fail, 'old' are ignored, the rest complete."""
+        members = self.tickets[ticket_id]["members"]
+        failed = [
+            {"index": i, "message": f"no {m['id']}"}
+            for i, m in enumerate(members)
+            if m["id"].startswith("bad")
+        ]
+        ignored = [{"index": i} for i, m in enumerate(members) if m["id"].startswith("old")]
+        skip = {e["index"] for e in failed + ignored}
+        completed = [{"index": i} for i in range(len(members)) if i not in skip]
+        counts = {"requested": 0, "total": len(members), "completed": len(completed)}
+        counts |= {"failed": len(failed), "ignored": len(ignored)}
+        return {"counts": counts, "completed": completed, "failed": failed, "ignored": ignored}
+
+
+def _client(
+    fake: FakeYesmail, *, per_request: int = 1000, in_flight: int = 3, **options: Any
+) -> YesmailClient:
+    http = VendorHTTP(
+        "yesmail",
+        BASE,
+        headers={"Api-User": USER, "Api-Key": KEY},
+        transport=httpx.MockTransport(fake),
+        retry=RetryPolicy(attempts=2, backoff_base=0),
+        sleep=lambda s: None,
+    )
+    opts = YesmailOptions.model_validate({"target_list": "All Staff", **options})
+    return YesmailClient(http, opts, max_members_per_request=per_request, max_in_flight=in_flight)
+
+
+def _rows(ids: list[str | None]) -> pd.DataFrame:
+    n = len(ids)
+    return pd.DataFrame(
+        {
+            "unique_id": pd.Series([f"E{i}" for i in range(n)], dtype="str"),
+            "email": pd.Series(ids, dtype="str"),
+            "first_name": pd.Series([f'Ann "{i}"' if i % 2 else None for i in range(n)], dtype="str"),
+            "last_name": pd.Series(["Lee"] * n, dtype="str"),
+            "department": pd.Series(["Ops"] * n, dtype="str"),
+            "source_line": range(2, n + 2),
+        }
+    ).set_axis(range(100, 100 + n))  # a filtered frame keeps its old index; positions matter
+
+
+def _wait(client: YesmailClient, handle) -> None:
+    for _ in range(10):
+        if client.status(handle).state.terminal:
+            return
+    raise AssertionError("import did not end")
+
+
+def test_members_payload_batches_and_response_ref() -> None:
+    fake = FakeYesmail()
+    client = _client(fake, per_request=4, import_type="ignore", error_threshold="5%")
+    rows = _rows([f"p{i}@x.com" for i in range(10)])
+    rows.loc[101, "email"] = "Mixed.Case@X.com"
+
+    handle = client.submit(rows, feed="f", partition="file.csv@abc")
+
+    assert [(j.first_row, j.row_count) for j in handle.jobs] == [(0, 4), (4, 4), (8, 2)]
+    assert handle.submitted_rows == 10 and handle.vendor == "yesmail"
+    first = sorted(fake.posts, key=lambda p: p["params"]["responseRef"])[0]
+    assert first["path"] == "/base/v2/target-lists/All%20Staff/members/import"
+    assert first["payload"]["importType"] == "ignore" and first["payload"]["errorThreshold"] == "5%"
+    members = first["payload"]["members"]
+    assert members[0] == {"id": "p0@x.com", "LASTNAME": "Lee"}
+    assert members[1] == {"id": "mixed.case@x.com", "FIRSTNAME": 'Ann "1"', "LASTNAME": "Lee"}
+    refs = sorted(p["params"]["responseRef"] for p in fake.posts)
+    assert refs == ["f:file.csv@abc:0", "f:file.csv@abc:4", "f:file.csv@abc:8"]
+    assert handle.extra["ticket_url"] == f"{BASE}/v2/tickets/{{id}}"
+
+
+def test_status_follows_tickets_and_outcome_maps_indexes_to_rows() -> None:
+    fake = FakeYesmail(running_polls=1)
+    client = _client(fake, per_request=3)
+    ids = ["a@x.com", "bad1@x.com", "old1@x.com", "b@x.com", "c@x.com", "bad2@x.com", "old2@x.com"]
+    handle = client.submit(_rows(ids), feed="f", partition="p")
+
+    first = client.status(handle)
+    assert first.state is JobState.RUNNING and first.vendor_status == "processing"
+    _wait(client, handle)
+    final = client.status(handle)
+    assert final.state is JobState.SUCCEEDED and final.vendor_status == "completed" and final.progress == 100
+
+    outcome = client.outcome(handle)
+
+    got = [(f.row, f.outcome, f.reason) for f in outcome.failures]
+    assert got == [
+        (1, "failed", "no bad1@x.com"),
+        (2, "ignored", IGNORED_REASON),
+        (5, "failed", "no bad2@x.com"),
+        (6, "ignored", IGNORED_REASON),
+    ]
+    assert (outcome.imported, outcome.failed, outcome.ignored) == (3, 2, 2)
+    assert outcome.vendor_counts["processed"] == 3 and outcome.vendor_counts["total"] == 7
+
+
+def test_413_halves_the_batch_and_later_batches_stay_small() -> None:
+    fake = FakeYesmail(max_members=3)
+    client = _client(fake, per_request=10, in_flight=1)
+
+    handle = client.submit(_rows([f"m{i}@x.com" for i in range(25)]), feed="f", partition="p")
+
+    sizes = [j.row_count for j in handle.jobs]
+    assert sum(sizes) == 25 and max(sizes) <= 3
+    assert [j.first_row for j in handle.jobs] == sorted(j.first_row for j in handle.jobs)
+    assert handle.jobs[0].first_row == 0
+    assert all(
+        a.first_row + a.row_count == b.first_row for a, b in zip(handle.jobs, handle.jobs[1:], strict=False)
+    )
+    # 10 -> 5 -> 3: two 413s for the first batch, then no more than one per later batch at most.
+    assert fake.rejected_sizes[:2] == [10, 5] and len(fake.rejected_sizes) <= 4
+    assert client.members_per_request == 3
+    posted = [
+        m["id"]
+        for p in sorted(fake.posts, key=lambda p: int(p["params"]["responseRef"].split(":")[-1]))
+        for m in p["payload"]["members"]
+    ]
+    assert posted == [f"m{i}@x.com" for i in range(25)]
+
+
+def test_a_single_member_413_is_an_error() -> None:
+    client = _client(FakeYesmail(max_members=0), per_request=2)
+    with pytest.raises(Exception, match="413"):
+        client.submit(_rows(["a@x.com", "b@x.com"]), feed="f", partition="p")
+
+
+def test_failed_ticket_without_results_fails_all_its_rows_and_stopped_members_fail() -> None:
+    fake = FakeYesmail(final_state="failed", running_polls=0)
+    client = _client(fake, per_request=2)
+    handle = client.submit(_rows(["a@x.com", "bad@x.com", "c@x.com", "d@x.com"]), feed="f", partition="p")
+    # ticket 0: stopped after member 1 (member 0 completed); ticket 1: no results at all.
+    first = next(t for t, v in fake.tickets.items() if v["ref"].endswith(":0"))
+    second = next(t for t in fake.tickets if t != first)
+    fake.results[first] = {
+        "counts": {"requested": 0, "total": 2, "completed": 1, "failed": 1, "ignored": 0},
+        "completed": [{"index": 0}],
+        "failed": [{"index": 1, "message": "Subscriber does not exist"}],
+        "ignored": [],
+    }
+
+    def no_results(request: httpx.Request, inner=fake) -> httpx.Response:
+        response = inner(request)
+        if request.url.path.endswith(second):
+            body = json.loads(response.content)
+            body["response"] = None
+            return httpx.Response(200, json=body)
+        return response
+
+    client.http._client._transport = httpx.MockTransport(no_results)
+    status = client.status(handle)
+    assert status.state is JobState.FAILED and status.vendor_status == "failed"
+
+    outcome = client.outcome(handle)
+
+    got = [(f.row, f.reason) for f in outcome.failures]
+    assert got == [
+        (1, "Subscriber does not exist"),
+        (2, "Yesmail ticket failed: threshold reached"),
+        (3, "Yesmail ticket failed: threshold reached"),
+    ]
+    assert outcome.imported == 1 == outcome.vendor_counts["processed"]
+
+
+def test_unprocessed_members_of_a_stopped_ticket_fail() -> None:
+    fake = FakeYesmail(final_state="failed", running_polls=0)
+    client = _client(fake)
+    handle = client.submit(_rows(["a@x.com", "bad@x.com", "c@x.com"]), feed="f", partition="p")
+    (ticket_id,) = fake.tickets
+    fake.results[ticket_id] = {
+        "counts": {"requested": 1, "total": 3, "completed": 1, "failed": 1, "ignored": 0},
+        "completed": [{"index": 0}],
+        "failed": [{"index": 1, "message": "no such subscriber"}],
+        "ignored": [],
+    }
+    outcome = client.outcome(handle)
+    assert [(f.row, f.reason) for f in outcome.failures] == [
+        (1, "no such subscriber"),
+        (2, "not imported: Yesmail stopped this batch (threshold reached)"),
+    ]
+
+
+def test_options_validation_and_column_problems() -> None:
+    assert YesmailOptions(target_list="l", error_threshold="12.5%").error_threshold == "12.5%"
+    for bad in ("0%", "100%", "five", -1):
+        with pytest.raises(ValidationError):
+            YesmailOptions(target_list="l", error_threshold=bad)
+    with pytest.raises(ValidationError):
+        YesmailOptions(target_list="l", import_type="replace")
+    columns = ["unique_id", "email", "first_name"]
+    assert YesmailOptions(target_list="l").column_problems(columns) == []
+    problems = YesmailOptions(target_list="l", id_field="phone", attributes={"X": "nope"}).column_problems(
+        columns
+    )
+    assert [key for key, _ in problems] == ["id_field", "attributes"]
+
+
+def test_credentials_never_reach_errors_or_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    fake = FakeYesmail()
+    http = VendorHTTP(
+        "yesmail",
+        BASE,
+        headers={"Api-User": USER, "Api-Key": "wrong-key-3e8c1d"},
+        transport=httpx.MockTransport(fake),
+        retry=RetryPolicy(attempts=1),
+    )
+    client = YesmailClient(http, YesmailOptions(target_list="l"))
+    with pytest.raises(VendorAuthError) as info:
+        client.submit(_rows(["a@x.com"]), feed="f", partition="p")
+    text = str(info.value) + caplog.text
+    assert "401" in str(info.value)
+    assert "wrong-key-3e8c1d" not in text and USER not in text
+
+
+def test_resource_builds_a_client_with_the_account_limits() -> None:
+    resource = YesmailResource(
+        base_url=BASE, api_user=USER, api_key=KEY, max_in_flight=2, max_members_per_request=7
+    )
+    client = resource.destination({"target_list": "l"})
+    try:
+        assert client.max_in_flight == 2 and client.members_per_request == 7
+        assert client.options.import_type == "update"
+    finally:
+        client.close()

@@ -1,0 +1,102 @@
+"""Dialects through Dagster: a refused export fails the validate step with the file's name and the
+reason and leaves the destination, and the last good import, alone; an Excel export in the
+Windows code page flows exactly like the UTF-8 one, line numbers included."""
+
+from __future__ import annotations
+
+import csv
+import io
+import zipfile
+
+import dagster as dg
+import pytest
+
+from audience_pipeline.assets import latest_metadata
+from audience_pipeline_tests.integration.conftest import DEMO_CSV, FEED, Pipeline
+from audience_pipeline_tests.integration.test_pipeline import EXPECTED_REPORT
+
+pytestmark = pytest.mark.integration
+
+KEY = lambda *parts: dg.AssetKey([FEED, *parts])  # noqa: E731
+
+
+def _xlsx() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("[Content_Types].xml", "<Types/>")
+        archive.writestr("xl/workbook.xml", "<workbook/>")
+        archive.writestr("xl/worksheets/sheet1.xml", "<worksheet/>")
+    return buffer.getvalue()
+
+
+def _excel_windows_csv() -> bytes:
+    """The demo export as Excel on a European Windows saves it: ';', CRLF, Windows-1252."""
+    text = DEMO_CSV.read_text("utf-8").replace(",Sales,", ",Sales – EMEA,", 1)
+    out = io.StringIO()
+    csv.writer(out, delimiter=";", lineterminator="\r\n").writerows(csv.reader(io.StringIO(text, newline="")))
+    return out.getvalue().encode("cp1252")
+
+
+def _step_failure(pipeline: Pipeline, run: dg.DagsterRun) -> tuple[str, str]:
+    records = pipeline.instance.get_records_for_run(
+        run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE
+    ).records
+    assert len(records) == 1
+    event = records[0].event_log_entry.dagster_event
+    return event.step_key, event.event_specific_data.error.message
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (_xlsx(), "this is an Excel workbook (.xlsx), not a CSV file; export it as CSV (UTF-8)"),
+        (b"Employee ID,Email,Mobile Phone\r\n,,\r\n", "line 1: the file has a header but no data rows"),
+        (b"Employee ID,Email,Email\nE1,a@b.c,d@e.f\n", "line 1: duplicate header 'Email' in columns 2 and 3"),
+    ],
+    ids=["xlsx", "header-only", "duplicate-header"],
+)
+def test_refused_file_fails_validation_and_leaves_the_last_import_alone(
+    pipeline: Pipeline, content: bytes, reason: str
+) -> None:
+    pipeline.drop("employees_2026-11-01.csv", DEMO_CSV)
+    assert pipeline.ingest()[0].is_success
+    pipeline.wait_for_reports()
+    imports_before = pipeline.imports()
+
+    pipeline.drop("employees_2026-11-08.csv", content)
+    runs = pipeline.ingest()
+
+    assert len(runs) == 1 and runs[0].status == dg.DagsterRunStatus.FAILURE
+    partition = runs[0].tags["dagster/partition"]
+    assert partition.startswith("employees_2026-11-08.csv@")
+    step, message = _step_failure(pipeline, runs[0])
+    assert step == f"{FEED}__validate"
+    assert "employees_2026-11-08.csv: " in message and reason in message
+    assert latest_metadata(pipeline.instance, KEY("hr_file"), partition) is not None
+    assert latest_metadata(pipeline.instance, KEY("validated_rows"), partition) is None
+    assert latest_metadata(pipeline.instance, KEY("import_job"), partition) is None
+    assert pipeline.imports() == imports_before
+    assert pipeline.wait_for_reports(expected=0, timeout=0.3) == []
+
+
+def test_windows_excel_export_flows_like_the_utf8_one(pipeline: Pipeline) -> None:
+    pipeline.drop("employees_2026-11-01.csv", _excel_windows_csv())
+
+    runs = pipeline.ingest()
+
+    assert len(runs) == 1 and runs[0].is_success
+    partition = runs[0].tags["dagster/partition"]
+    validation = latest_metadata(pipeline.instance, KEY("validated_rows"), partition)
+    assert validation["encoding"] == "windows-1252"
+    assert validation["delimiter"] == "';'"
+    assert (validation["source_rows"], validation["rejected_rows"]) == (200, 6)
+    pipeline.wait_for_reports()
+    report = latest_metadata(pipeline.instance, KEY("failure_report"), partition)
+    assert (report["imported"], report["failed_at_target"]) == (192, 2)
+    with open(report["report_path"], newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["source_line"], r["unique_id"], r["stage"], r["outcome"], r["column"]) for r in rows] == (
+        EXPECTED_REPORT
+    )
+    staging = pipeline.root / "home"
+    assert not [p for p in staging.rglob("*.utf-8.csv")], "the transcoded copy must not be left behind"

@@ -1,0 +1,218 @@
+"""Benchmark pushing validated rows through the Yesmail client against a bare httpx loop.
+
+Both post to the same in-process sandbox (``SandboxServer``, Yesmail import endpoint) with the
+same concurrency, so the sandbox's own per-request cost weighs on both. The bare loop sends
+bodies serialised beforehand (by ``encode_records`` + ``pack_batches``, timed on their own) with
+an ``httpx.AsyncClient`` and a semaphore; the client run is the whole ``YesmailClient.submit``:
+member encoding, batching, ``VendorHTTP`` (retries, redaction, logging) and ticket parsing.
+
+Usage: ``python -m benchmarks.bench_push --rows 1000000 [--in-flight 8] [--batch 1000]
+[--repeat 3] [--json] [--strict]``. Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pandas as pd
+
+from audience_pipeline.destinations.json_batches import pack_batches
+from audience_pipeline.destinations.yesmail import YesmailClient, YesmailResource
+from audience_pipeline.sandbox import SandboxServer, SandboxSettings
+from audience_pipeline.validation import validate_file
+from benchmarks.bench_validate import DEFAULT_DATA_DIR, benchmark_mapping, ensure_file
+
+RATIO_TARGET = 0.8  # client rows/s divided by bare-loop rows/s
+USER, KEY = "bench-yesmail-user", "bench-yesmail-key"
+LIST = "all-staff"
+OPTIONS = {
+    "target_list": LIST,
+    "attributes": {
+        "FIRSTNAME": "first_name",
+        "LASTNAME": "last_name",
+        "MOBILE": "mobile_phone",
+        "DEPARTMENT": "department",
+        "JOB_TITLE": "job_title",
+        "START_DATE": "start_date",
+        "OFFICE_CITY": "office_city",
+    },
+}
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_rows(rows: int, seed: int, data_dir: Path) -> pd.DataFrame:
+    """Validated rows of a generated export (generated once and cached, like bench_validate)."""
+    generated, _ = ensure_file(rows, seed, data_dir)
+    return validate_file(generated.path, benchmark_mapping(), default_region="US").valid
+
+
+def _client(server: SandboxServer, batch: int, in_flight: int) -> YesmailClient:
+    resource = YesmailResource(
+        base_url=server.vendor_url("yesmail"),
+        api_user=USER,
+        api_key=KEY,
+        max_in_flight=in_flight,
+        max_members_per_request=batch,
+        max_request_bytes=10_000_000,
+    )
+    return resource.destination(OPTIONS)
+
+
+def serialise(client: YesmailClient, frame: pd.DataFrame, batch: int) -> tuple[list[bytes], float]:
+    """The request bodies the client would send, and the seconds encode + pack took."""
+    started = time.perf_counter()
+    records = client.members(frame)
+    head, tail = client._envelope()
+    bodies = [
+        b.body
+        for b in pack_batches(
+            records, head=head, tail=tail, max_rows=batch, max_bytes=client.max_request_bytes
+        )
+    ]
+    return bodies, time.perf_counter() - started
+
+
+async def _bare(url: str, bodies: list[bytes], in_flight: int) -> int:
+    gate = asyncio.Semaphore(in_flight)
+    headers = {"Api-User": USER, "Api-Key": KEY, "Content-Type": "application/json"}
+    limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
+    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=60) as client:
+
+        async def post(body: bytes) -> int:
+            async with gate:
+                response = await client.post(url, content=body)
+                if response.status_code != 202:
+                    raise RuntimeError(f"bare loop got {response.status_code}: {response.text[:200]}")
+                return 1
+
+        return sum(await asyncio.gather(*(post(b) for b in bodies)))
+
+
+def measure_bare(server: SandboxServer, bodies: list[bytes], in_flight: int) -> float:
+    url = f"{server.vendor_url('yesmail')}/v2/target-lists/{LIST}/members/import"
+    started = time.perf_counter()
+    sent = asyncio.run(_bare(url, bodies, in_flight))
+    seconds = time.perf_counter() - started
+    assert sent == len(bodies)
+    return seconds
+
+
+def measure_client(server: SandboxServer, frame: pd.DataFrame, batch: int, in_flight: int) -> float:
+    client = _client(server, batch, in_flight)
+    try:
+        started = time.perf_counter()
+        handle = client.submit(frame, feed="bench", partition="bench.csv@0000000000")
+        seconds = time.perf_counter() - started
+    finally:
+        client.close()
+    assert sum(j.row_count for j in handle.jobs) == len(frame) == handle.submitted_rows
+    return seconds
+
+
+def run_benchmark(
+    rows: int, *, batch: int, in_flight: int, repeat: int, pace: float, seed: int, data_dir: Path
+) -> dict[str, Any]:
+    _log(f"loading {rows:,} validated rows")
+    frame = load_rows(rows, seed, data_dir)
+    settings = SandboxSettings(
+        pace_seconds=pace,
+        yesmail_api_user=USER,
+        yesmail_api_key=KEY,
+        yesmail_max_members=batch,
+        yesmail_target_lists=(LIST,),
+    )
+    encode: list[float] = []
+    bare: list[float] = []
+    client: list[float] = []
+    with SandboxServer(settings) as server:
+        setup = _client(server, batch, in_flight)
+        try:
+            for _ in range(repeat):
+                bodies, seconds = serialise(setup, frame, batch)
+                encode.append(seconds)
+            body_bytes = sum(len(b) for b in bodies)
+        finally:
+            setup.close()
+        for i in range(repeat):
+            server.reset()
+            _log(f"bare loop {i + 1}/{repeat}")
+            bare.append(measure_bare(server, bodies, in_flight))
+            server.reset()
+            _log(f"client {i + 1}/{repeat}")
+            client.append(measure_client(server, frame, batch, in_flight))
+        server.reset()
+    valid = len(frame)
+    bare_s, client_s = statistics.median(bare), statistics.median(client)
+    ratio = (valid / client_s) / (valid / bare_s)
+    return {
+        "rows": valid,
+        "source_rows": rows,
+        "batches": len(bodies),
+        "body_mb": round(body_bytes / 1e6, 1),
+        "batch": batch,
+        "in_flight": in_flight,
+        "repeat": repeat,
+        "encode_pack_seconds": round(statistics.median(encode), 3),
+        "bare_seconds": round(bare_s, 3),
+        "bare_rows_per_s": round(valid / bare_s),
+        "client_seconds": round(client_s, 3),
+        "client_rows_per_s": round(valid / client_s),
+        "ratio": round(ratio, 3),
+        "target": RATIO_TARGET,
+        "result": "PASS" if ratio >= RATIO_TARGET else "FAIL",
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    r = report
+    return "\n".join(
+        [
+            f"rows pushed           {r['rows']:>11,}  ({r['batches']} batches of <= {r['batch']}, "
+            f"{r['body_mb']} MB, {r['in_flight']} in flight, median of {r['repeat']})",
+            f"encode + pack         {r['encode_pack_seconds']:>11.3f} s",
+            f"bare httpx loop       {r['bare_seconds']:>11.3f} s  {r['bare_rows_per_s']:>9,} rows/s",
+            f"YesmailClient.submit  {r['client_seconds']:>11.3f} s  {r['client_rows_per_s']:>9,} rows/s",
+            f"ratio client / bare   {r['ratio']:>11.3f}    target >= {r['target']}  {r['result']}",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_push", description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000, help="source rows to generate and validate")
+    parser.add_argument("--batch", type=int, default=1000, help="members per request")
+    parser.add_argument("--in-flight", type=int, default=8, help="concurrent requests (both runs)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--pace", type=float, default=0.05, help="sandbox seconds per ticket state")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--strict", action="store_true", help="exit 1 unless the ratio meets the target")
+    args = parser.parse_args(argv)
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    report = run_benchmark(
+        args.rows,
+        batch=args.batch,
+        in_flight=args.in_flight,
+        repeat=args.repeat,
+        pace=args.pace,
+        seed=args.seed,
+        data_dir=args.data_dir,
+    )
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 1 if args.strict and report["result"] != "PASS" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
