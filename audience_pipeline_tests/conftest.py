@@ -1,4 +1,5 @@
-"""Fixtures shared across test folders: a real S3 (moto's server mode) on 127.0.0.1."""
+"""Fixtures shared across test folders: a real S3 (moto's server mode) and the vendor sandboxes,
+all on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+
+from audience_pipeline_tests.sandboxes import SandboxPool
 
 S3_REGION = "us-east-1"
 
@@ -57,3 +60,13 @@ def s3(s3_server: S3Server) -> S3Server:
     """The shared S3 server, emptied before the test."""
     s3_server.reset()
     return s3_server
+
+
+@pytest.fixture(scope="session")
+def sandbox_pool() -> Iterator[SandboxPool]:
+    """Sandboxes by settings, kept for the session; folders pick theirs with ``sandbox_settings``."""
+    pool = SandboxPool()
+    try:
+        yield pool
+    finally:
+        pool.stop_all()

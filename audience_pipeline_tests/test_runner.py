@@ -17,7 +17,6 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 import pytest
-import yaml
 
 from audience_pipeline.assets import IO_MANAGER_KEY, STORAGE_KEY
 from audience_pipeline.definitions import build_feed_definitions
@@ -29,14 +28,13 @@ from audience_pipeline.destinations.base import (
     JobStatus,
     RowFailure,
 )
-from audience_pipeline.feeds.loader import load_feeds
 from audience_pipeline.feeds.model import FeedsFile
 from audience_pipeline.redact import register_secret
 from audience_pipeline.runner import PartitionSummary, format_summaries, run_feeds
 from audience_pipeline.sources.registry import build_source_resource
 from audience_pipeline.storage import AudienceIOManager, PipelineStorage
+from audience_pipeline_tests.offline_feeds import FEED, write_offline_feeds
 
-FEED = "staff"
 SECRET = "runner-secret-51f0a9c3d7"
 HEADER = "ID,Email\n"
 FILES = {
@@ -97,30 +95,12 @@ class Ran:
 
 
 def write_feeds(root: Path) -> FeedsFile:
-    incoming = root / "incoming"
-    incoming.mkdir(parents=True)
+    feeds = write_offline_feeds(root)
     old = time.time() - 3600  # long finished copies: no settling
     for name, text in FILES.items():
-        (incoming / name).write_text(text, "utf-8")
-        os.utime(incoming / name, (old, old))
-    config = {
-        "sources": {"hr_drop": {"type": "folder", "path": str(incoming)}},
-        "destinations": {
-            "cxi": {"type": "communicate_xi", "base_url": "http://127.0.0.1:9", "api_key": "k" * 12}
-        },
-        "feeds": [
-            {
-                "name": FEED,
-                "source": "hr_drop",
-                "destination": "cxi",
-                "max_rejection_rate": 0.5,
-                "mapping": {"unique_id": "ID", "email": "Email"},
-                "options": {"import_name": "All staff"},
-            }
-        ],
-    }
-    (root / "feeds.yaml").write_text(yaml.safe_dump(config), "utf-8")
-    return load_feeds(root / "feeds.yaml")
+        (root / "incoming" / name).write_text(text, "utf-8")
+        os.utime(root / "incoming" / name, (old, old))
+    return feeds
 
 
 @pytest.fixture(scope="module")

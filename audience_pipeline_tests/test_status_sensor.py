@@ -17,7 +17,6 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 import pytest
-import yaml
 
 from audience_pipeline import sensors as sensors_module
 from audience_pipeline.assets import (
@@ -28,15 +27,14 @@ from audience_pipeline.assets import (
     build_feed_assets,
 )
 from audience_pipeline.destinations.base import ChunkJob, JobHandle, JobState, JobStatus, combine_states
-from audience_pipeline.feeds.loader import load_feeds
 from audience_pipeline.feeds.model import FeedsFile
 from audience_pipeline.redact import register_secret
 from audience_pipeline.sensors import MAX_POLLS_PER_TICK, POLL_THREADS, build_status_sensor
 from audience_pipeline.sources.base import hash_file, partition_key
 from audience_pipeline.sources.registry import build_source_resource
 from audience_pipeline.storage import AudienceIOManager, PipelineStorage
+from audience_pipeline_tests.offline_feeds import FEED, write_offline_feeds
 
-FEED = "staff"
 SECRET = "vendor-secret-9d1c7b2e"
 
 
@@ -88,32 +86,9 @@ class FakeVendor:
                 self.active -= 1
 
 
-def write_feeds(root: Path) -> FeedsFile:
-    (root / "incoming").mkdir(parents=True, exist_ok=True)
-    config = {
-        "sources": {"hr_drop": {"type": "folder", "path": str(root / "incoming")}},
-        "destinations": {
-            "cxi": {"type": "communicate_xi", "base_url": "http://127.0.0.1:9", "api_key": "k" * 12}
-        },
-        "feeds": [
-            {
-                "name": FEED,
-                "source": "hr_drop",
-                "destination": "cxi",
-                "max_rejection_rate": 0.5,
-                "mapping": {"unique_id": "ID", "email": "Email"},
-                "options": {"import_name": "All staff"},
-            }
-        ],
-    }
-    path = root / "feeds.yaml"
-    path.write_text(yaml.safe_dump(config), "utf-8")
-    return load_feeds(path)
-
-
 @pytest.fixture(scope="module")
 def feeds(tmp_path_factory: pytest.TempPathFactory) -> FeedsFile:
-    return write_feeds(tmp_path_factory.mktemp("status"))
+    return write_offline_feeds(tmp_path_factory.mktemp("status"))
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,9 @@
 Protocol choices where the vendor document is vague (the sandbox agrees with each):
 - Auth is IMS OAuth server-to-server: ``POST {ims_url}/ims/token/v3`` with the client id and
   secret (form, ``grant_type=client_credentials``) returns ``access_token`` and ``expires_in``
-  (seconds). Tokens are cached per process and credential until a minute before expiry, so the
-  status sensor costs one GET per import; a 401 drops the token and retries once with a new one.
+  (seconds). Tokens are cached per process and credential until a minute before expiry (a tenth
+  of the lifetime for tokens under ten minutes; not at all without ``expires_in``), so the status
+  sensor costs one GET per import; a 401 drops the token and retries once with a new one.
   A fixed ``access_token`` may be configured instead (no refresh then). Every call also sends
   ``x-api-key`` (the client id), ``x-gw-ims-org-id`` and ``x-sandbox-name``.
 - Paths live under ``{base_url}/data/core/ais``. The seed documents no lookup, so a lost
@@ -36,22 +37,19 @@ Protocol choices where the vendor document is vague (the sandbox agrees with eac
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import dagster as dg
 import httpx
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from audience_pipeline.destinations.aep_storage import (
     DlzStorageOptions,
@@ -70,8 +68,19 @@ from audience_pipeline.destinations.base import (
     JobStatus,
     RowFailure,
 )
-from audience_pipeline.destinations.http import VendorAuthError, VendorError, VendorHTTP, VendorHTTPError
+from audience_pipeline.destinations.http import VendorError, VendorHTTP, VendorHTTPError
+from audience_pipeline.destinations.oauth import (
+    BearerTokens,
+    Token,
+    TokenCache,
+    account_key,
+    bearer,
+    read_token,
+)
+from audience_pipeline.destinations.options import VendorOptions, not_a_column
 from audience_pipeline.redact import register_secret
+
+T = TypeVar("T")
 
 VENDOR = "adobe_experience_platform"
 AIS = "/data/core/ais"
@@ -89,10 +98,8 @@ NO_ROW_RESULTS = (
 )
 
 
-class AepOptions(BaseModel):
+class AepOptions(VendorOptions):
     """Feed options for Experience Platform; column names are the feed's canonical columns."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     audience_name: str = Field(min_length=1)
     description: str | None = None
@@ -118,15 +125,12 @@ class AepOptions(BaseModel):
         return {**self.model_dump(mode="json", exclude_unset=True), "attribute_types": types}
 
     def column_problems(self, columns: list[str]) -> list[tuple[str | None, str]]:
-        """Options that name columns the feed does not produce; checked when the feeds file loads."""
+        """The identity column and every labelled column must be columns of the feed."""
         problems: list[tuple[str | None, str]] = []
         if self.identity_field not in columns:
-            problems.append(
-                ("identity_field", f"{self.identity_field!r} is not a column of this feed: {columns}")
-            )
-        unknown = sorted(set(self.field_labels) - set(columns))
-        if unknown:
-            problems.append(("field_labels", f"{unknown} are not columns of this feed: {columns}"))
+            problems.append(not_a_column("identity_field", self.identity_field, columns))
+        for column in sorted(set(self.field_labels) - set(columns)):
+            problems.append(not_a_column("field_labels", column, columns))
         return problems
 
     def fields(self, columns: list[str]) -> list[dict[str, Any]]:
@@ -149,19 +153,11 @@ class AepOptions(BaseModel):
         return self.attribute_types.get(column, "string")
 
 
-@dataclass
-class _Token:
-    value: str
-    expires_at: float
-
-
-_TOKENS: dict[tuple[str, ...], _Token] = {}
-_TOKENS_LOCK = threading.Lock()
-TOKEN_MARGIN_SECONDS = 60.0
+_TOKENS = TokenCache()
 
 
 class ImsAuth:
-    """Bearer tokens from IMS (client credentials), cached per process until shortly before expiry."""
+    """Bearer tokens from IMS (client credentials), or a fixed ``access_token`` that is never refreshed."""
 
     def __init__(
         self,
@@ -183,34 +179,23 @@ class ImsAuth:
             "client_secret": client_secret or "",
             "scope": scopes,
         }
-        secret_hash = hashlib.sha256((client_secret or "").encode()).hexdigest()
-        self._key = (ims_url, client_id, secret_hash, scopes)
         self._ims_url = ims_url
         self._timeout = timeout
         self._transport = transport
+        account = account_key(ims_url, client_id, client_secret or "", scopes)
+        self._tokens = BearerTokens(account, self._fetch, cache=_TOKENS)
         register_secret(client_id, client_secret, access_token)
 
-    @property
-    def refreshable(self) -> bool:
-        return self._fixed is None
+    def call(self, send: Callable[[str], T]) -> T:
+        """``send(token)``; with IMS credentials a 401 fetches a new token and sends once more."""
+        if self._fixed is not None:
+            return send(self._fixed)
+        return self._tokens.call(send)
 
     def token(self) -> str:
-        if self._fixed is not None:
-            return self._fixed
-        with _TOKENS_LOCK:
-            cached = _TOKENS.get(self._key)
-            if cached is not None and cached.expires_at > time.time():
-                return cached.value
-            token = self._fetch()
-            _TOKENS[self._key] = token
-            return token.value
+        return self._fixed if self._fixed is not None else self._tokens.token()
 
-    def invalidate(self, value: str) -> None:
-        with _TOKENS_LOCK:
-            if (cached := _TOKENS.get(self._key)) is not None and cached.value == value:
-                del _TOKENS[self._key]
-
-    def _fetch(self) -> _Token:
+    def _fetch(self) -> Token:
         with VendorHTTP(
             VENDOR,
             self._ims_url,
@@ -219,14 +204,9 @@ class ImsAuth:
             transport=self._transport,
         ) as http:
             body = http.json("POST", TOKEN_PATH, data=self._form, idempotent=True)
-        value = body.get("access_token") if isinstance(body, dict) else None
-        if not value:
-            raise VendorError(
-                VENDOR, "POST", TOKEN_PATH, code="unexpected_response", detail="no access_token"
-            )
-        register_secret(value)
-        lifetime = float(body.get("expires_in") or 0)
-        return _Token(value, time.time() + max(0.0, lifetime - TOKEN_MARGIN_SECONDS))
+        token = read_token(body, vendor=VENDOR, path=TOKEN_PATH, now=time.time(), default_lifetime=0)
+        register_secret(token.value)
+        return token
 
 
 class AepClient:
@@ -256,15 +236,7 @@ class AepClient:
 
     def call(self, method: str, path: str, **kw: Any) -> Any:
         """A Platform call with a bearer token; one retry with a fresh token after a 401."""
-        token = self.auth.token()
-        try:
-            return self.http.json(method, path, headers={"Authorization": f"Bearer {token}"}, **kw)
-        except VendorAuthError as exc:
-            if exc.status != 401 or not self.auth.refreshable:
-                raise
-            self.auth.invalidate(token)
-            fresh = self.auth.token()
-            return self.http.json(method, path, headers={"Authorization": f"Bearer {fresh}"}, **kw)
+        return self.auth.call(lambda token: self.http.json(method, path, headers=bearer(token), **kw))
 
     def landing_zone_credentials(self) -> dict[str, Any]:
         return self.call("GET", DLZ_CREDENTIALS, params={"type": "user_drop_zone"})

@@ -41,7 +41,7 @@ from typing import Any, ClassVar, Literal
 import dagster as dg
 import httpx
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from audience_pipeline.destinations.base import (
     ChunkJob,
@@ -51,9 +51,11 @@ from audience_pipeline.destinations.base import (
     JobStatus,
     RowFailure,
     combine_states,
+    every_row,
 )
 from audience_pipeline.destinations.http import VendorError, VendorHTTP, VendorHTTPError, parse_error_body
 from audience_pipeline.destinations.json_batches import Batch, encode_records, pack_batches, send_concurrently
+from audience_pipeline.destinations.options import VendorOptions, not_a_column
 from audience_pipeline.feeds.model import CANONICAL_FIELDS
 
 VENDOR = "altcraft"
@@ -76,10 +78,8 @@ _ENVELOPE_STATUSES = (200, 400, 404, 409, 413, 422)
 Matching = Literal["email", "email_profile", "phone", "profile_id", "custom"]
 
 
-class AltcraftOptions(BaseModel):
+class AltcraftOptions(VendorOptions):
     """Feed options for Altcraft; column options name canonical columns of the feed."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     trigger_id: int = Field(gt=0)
     matching: Matching = "email"
@@ -137,20 +137,13 @@ class AltcraftOptions(BaseModel):
         return body
 
     def column_problems(self, columns: list[str]) -> list[tuple[str | None, str]]:
-        """``(option key or None, problem)`` for options the feed's columns cannot satisfy.
-
-        Run when the feeds file loads, so a misnamed column fails there and not at the vendor.
-        """
+        """Mapped and matching columns must exist; the matching mode needs its Altcraft field."""
         problems: list[tuple[str | None, str]] = []
         for name, column in (self.profile_fields or {}).items():
             if column not in columns:
-                problems.append(
-                    ("profile_fields", f"{name}: {column!r} is not a column of this feed; columns: {columns}")
-                )
+                problems.append(not_a_column("profile_fields", column, columns, entry=name))
         if self.matching in ("custom", "profile_id") and self.match_column not in columns:
-            problems.append(
-                ("match_column", f"{self.match_column!r} is not a column of this feed; columns: {columns}")
-            )
+            problems.append(not_a_column("match_column", self.match_column, columns))
         elsewhere = (self.profile_fields or {}).get(self.field_name or "")
         if self.matching == "custom" and elsewhere not in (None, self.match_column):
             problems.append(
@@ -393,25 +386,22 @@ def _task_failures(
     job: ChunkJob, task: _TaskStatus, counts: dict[str, int], notes: list[str]
 ) -> list[RowFailure]:
     """Per-row failures of one finished task; ``counts`` gains its created/updated profiles."""
-
-    def every_row(reason: str) -> list[RowFailure]:
-        return [RowFailure(row=job.first_row + i, reason=reason) for i in range(job.row_count)]
-
     if task.vendor_status != "completed":
         if task.reason:
-            return every_row(task.reason)
+            return every_row(job, task.reason)
         result = (task.data or {}).get("result")
         text = result.get("error_text") if isinstance(result, dict) else None
         return every_row(
-            f"Altcraft task {job.job_id} ended in {task.vendor_status}: {text or 'no error text'}"
+            job, f"Altcraft task {job.job_id} ended in {task.vendor_status}: {text or 'no error text'}"
         )
     result = (task.data or {}).get("result")
     if not isinstance(result, dict):
-        return every_row(f"Altcraft task {job.job_id} completed without a result")
+        return every_row(job, f"Altcraft task {job.job_id} completed without a result")
     if result.get("error") not in (0, None):
         return every_row(
+            job,
             f"Altcraft task {job.job_id} failed: {result.get('error_text') or 'no error text'} "
-            f"(error {result.get('error')})"
+            f"(error {result.get('error')})",
         )
     items = result.get("result")
     items = items if isinstance(items, list) else []

@@ -35,10 +35,7 @@ Protocol choices where the vendor document is vague (the sandbox agrees with eac
 
 from __future__ import annotations
 
-import email.utils
-import hashlib
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,8 +58,19 @@ from audience_pipeline.destinations.base import (
     JobStatus,
     RowFailure,
     combine_states,
+    every_row,
+    line_to_row,
 )
-from audience_pipeline.destinations.http import VendorAuthError, VendorError, VendorHTTP, VendorHTTPError
+from audience_pipeline.destinations.http import VendorError, VendorHTTP, VendorHTTPError, retry_after_seconds
+from audience_pipeline.destinations.oauth import (
+    BearerTokens,
+    Token,
+    TokenCache,
+    account_key,
+    bearer,
+    read_token,
+)
+from audience_pipeline.destinations.options import VendorOptions, not_a_column
 
 logger = logging.getLogger("audience_pipeline.apsis")
 
@@ -100,10 +108,8 @@ class ConsentOption(BaseModel):
     resubscribe_if_opted_out: bool = False
 
 
-class ApsisOptions(BaseModel):
+class ApsisOptions(VendorOptions):
     """Feed options for APSIS One; column names are the feed's canonical columns."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     section: str = Field(min_length=1)
     keyspace: str = "com.apsis1.keyspaces.crm"
@@ -133,49 +139,18 @@ class ApsisOptions(BaseModel):
         return [c for c in columns if c in needed]
 
     def column_problems(self, columns: list[str]) -> list[tuple[str | None, str]]:
-        """``(option key, problem)`` for options naming columns the feed does not produce."""
+        """The key column, mapped columns and consent columns must all be columns of the feed."""
         problems: list[tuple[str | None, str]] = []
-        hint = f"options name the feed's canonical columns: {columns}"
         if self.key_field not in columns:
-            problems.append(("key_field", f"{self.key_field!r} is not a column of this feed; {hint}"))
+            problems.append(not_a_column("key_field", self.key_field, columns))
         for column in self.attributes:
             if column not in columns:
-                problems.append(("attributes", f"{column!r} is not a column of this feed; {hint}"))
+                problems.append(not_a_column("attributes", column, columns))
         for consent in self.consents:
             for value in (consent.address_field, consent.field):
                 if value is not None and value not in columns:
-                    problems.append(("consents", f"{value!r} is not a column of this feed; {hint}"))
+                    problems.append(not_a_column("consents", value, columns))
         return problems
-
-
-@dataclass
-class _Token:
-    value: str
-    expires_at: float
-
-
-class TokenCache:
-    """OAuth tokens per account, shared by every client in the process (sensor ticks and runs
-    each build a client; one token serves them all until it nearly expires)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._tokens: dict[str, _Token] = {}
-
-    def get(self, account: str, now: float) -> str | None:
-        with self._lock:
-            token = self._tokens.get(account)
-        return token.value if token is not None and token.expires_at > now else None
-
-    def put(self, account: str, value: str, expires_at: float) -> None:
-        with self._lock:
-            self._tokens[account] = _Token(value, expires_at)
-
-    def drop(self, account: str, value: str) -> None:
-        with self._lock:
-            token = self._tokens.get(account)
-            if token is not None and token.value == value:
-                del self._tokens[account]
 
 
 TOKENS = TokenCache()
@@ -228,21 +203,6 @@ def plan_parts(bounds: np.ndarray, max_bytes: int) -> list[Part]:
     return parts
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("Retry-After", "").strip()
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 def _timestamp(value: object) -> float | None:
     """RFC 3339 (UTC ``Z``) to epoch seconds; ``None`` when absent or unreadable."""
     if not isinstance(value, str) or not value:
@@ -278,10 +238,11 @@ class ApsisClient:
         self.options = options
         self._client_id = client_id
         self._client_secret = client_secret
-        self._tokens = tokens
         self._clock = clock
         self._sleep = sleep
-        self._account = hashlib.sha256(f"{http.vendor}\0{client_id}\0{client_secret}".encode()).hexdigest()
+        self._auth = BearerTokens(
+            account_key(http.vendor, client_id, client_secret), self._fetch_token, cache=tokens, clock=clock
+        )
         http.add_secrets(client_id, client_secret)
 
     def close(self) -> None:
@@ -289,10 +250,7 @@ class ApsisClient:
 
     # --- auth -------------------------------------------------------------------------------
 
-    def _token(self) -> str:
-        token = self._tokens.get(self._account, self._clock())
-        if token is not None:
-            return token
+    def _fetch_token(self) -> Token:
         body = self.http.json(
             "POST",
             TOKEN_PATH,
@@ -303,27 +261,13 @@ class ApsisClient:
             },
             idempotent=True,
         )
-        value = body.get("access_token") if isinstance(body, dict) else None
-        if not value:
-            raise VendorError(
-                VENDOR, "POST", TOKEN_PATH, code="unexpected_response", detail="no access_token"
-            )
-        self.http.add_secrets(value)
-        lifetime = float(body.get("expires_in") or 3600)
-        self._tokens.put(self._account, value, self._clock() + lifetime - min(60.0, lifetime / 10))
-        return value
+        token = read_token(body, vendor=VENDOR, path=TOKEN_PATH, now=self._clock(), default_lifetime=3600)
+        self.http.add_secrets(token.value)
+        return token
 
     def _api(self, method: str, path: str, **kw: Any) -> httpx.Response:
         """An authenticated call; a 401 (token revoked or expired early) refreshes it once."""
-        for attempt in (1, 2):
-            token = self._token()
-            try:
-                return self.http.request(method, path, headers={"Authorization": f"Bearer {token}"}, **kw)
-            except VendorAuthError as exc:
-                if exc.status != 401 or attempt == 2:
-                    raise
-                self._tokens.drop(self._account, token)
-        raise AssertionError("unreachable")
+        return self._auth.call(lambda token: self.http.request(method, path, headers=bearer(token), **kw))
 
     def _json(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
         response = self._api(method, path, **kw)
@@ -447,7 +391,7 @@ class ApsisClient:
                         VENDOR, "POST", path, code="unexpected_response", detail="no import_id or upload URL"
                     )
                 return created
-            wait = _retry_after(response)
+            wait = retry_after_seconds(response)
             wait = DEFAULT_PENDING_WAIT if wait is None else wait
             if self._clock() + wait > deadline:
                 started = f"; parts already started: {', '.join(done)}" if done else ""
@@ -536,7 +480,7 @@ class ApsisClient:
                 failures += self._report_failures(handle, job, counts, notes)
                 continue
             reason = self._whole_part_reason(handle, job, label, result)
-            failures += [RowFailure(row=job.first_row + i, reason=reason) for i in range(job.row_count)]
+            failures += every_row(job, reason)
             counts["total"] += job.row_count
             counts["failed"] += job.row_count
         return JobOutcome(
@@ -584,7 +528,7 @@ class ApsisClient:
                 message = str(item.get("message") or item.get("code") or "refused by APSIS")
                 if item.get("field_selector"):
                     message = f"{item['field_selector']}: {message}"
-                row = _line_to_row(item.get("line"))
+                row = line_to_row(item.get("line"))
                 if row is None or row >= job.row_count:
                     notes.append(
                         f"import {job.job_id}: line {item.get('line')} outside the upload: {message}"
@@ -593,15 +537,6 @@ class ApsisClient:
                 entry = by_row.setdefault(job.first_row + row, (outcome, []))
                 entry[1].append(message)
         return [RowFailure(row=r, reason="; ".join(msgs), outcome=o) for r, (o, msgs) in by_row.items()]
-
-
-def _line_to_row(line: object) -> int | None:
-    """Uploaded line (header = 1) to the part's row; ``None`` for the header or garbage."""
-    try:
-        row = int(str(line)) - 2
-    except ValueError:
-        return None
-    return row if row >= 0 else None
 
 
 class ApsisResource(dg.ConfigurableResource):

@@ -121,6 +121,24 @@ class Destination(Protocol):
     def close(self) -> None: ...
 
 
+def every_row(job: ChunkJob, reason: str) -> list[RowFailure]:
+    """All of one chunk's rows failed with ``reason``: the vendor gave no per-row result for it."""
+    return [RowFailure(row=job.first_row + i, reason=reason) for i in range(job.row_count)]
+
+
+def line_to_row(line: object) -> int | None:
+    """A line of an uploaded CSV (header = line 1) to the chunk's 0-based row.
+
+    Validation puts every record on one line, so line ``n`` is row ``n - 2``; ``None`` for the
+    header, line 0 or a value that is not a line number.
+    """
+    try:
+        row = int(str(line)) - 2
+    except ValueError:
+        return None
+    return row if row >= 0 else None
+
+
 def combine_states(states: list[JobState]) -> JobState:
     """A chunked import is final only when every chunk is; it failed if any chunk failed."""
     if not states or all(s is JobState.SUCCEEDED for s in states):

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import dagster as dg
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from audience_pipeline.destinations.base import (
     ChunkJob,
@@ -31,8 +31,10 @@ from audience_pipeline.destinations.base import (
     JobState,
     JobStatus,
     RowFailure,
+    line_to_row,
 )
 from audience_pipeline.destinations.http import VendorError, VendorHTTP, VendorHTTPError
+from audience_pipeline.destinations.options import VendorOptions, not_a_column
 
 VENDOR = "communicate_xi"
 IMPORTS = "/public-api/audience-imports"
@@ -44,10 +46,8 @@ _STATES = {
 }
 
 
-class CxiOptions(BaseModel):
+class CxiOptions(VendorOptions):
     """Feed options for Communicate XI; field options name canonical columns of the feed."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     import_name: str = Field(min_length=1)
     file_name: str | None = None
@@ -72,21 +72,12 @@ class CxiOptions(BaseModel):
         return {k: v for k, v in wanted.items() if v and v in columns}
 
     def column_problems(self, columns: list[str]) -> list[tuple[str | None, str]]:
-        """``(option key or None, problem)`` for field options the feed's columns cannot satisfy.
-
-        Run when the feeds file loads, so a misnamed column fails there and not at the vendor.
-        """
+        """Explicit field options must name columns; one of email or mobile phone must be sent."""
         problems: list[tuple[str | None, str]] = []
         for key in ("email_field", "mobile_phone_field", "name_field", "unique_id_field"):
             value = getattr(self, key)
             if key in self.model_fields_set and value is not None and value not in columns:
-                problems.append(
-                    (
-                        key,
-                        f"{value!r} is not a column of this feed; options name the feed's canonical "
-                        f"columns: {columns}",
-                    )
-                )
+                problems.append(not_a_column(key, value, columns))
         params = self.field_params(columns, creating=True)
         if not problems and "emailFieldName" not in params and "mobilePhoneFieldName" not in params:
             problems.append(
@@ -195,7 +186,7 @@ class CommunicateXIClient:
         notes: list[str] = []
         for item in data.get("errorMessages") or []:
             error = str(item.get("error") or "rejected by Communicate XI")
-            row = _line_to_row(item.get("line"))
+            row = line_to_row(item.get("line"))
             if row is not None and row < job.row_count:
                 failures.setdefault(job.first_row + row, []).append(error)
             else:
@@ -215,15 +206,6 @@ class CommunicateXIClient:
             vendor_counts=counts,
             notes=notes,
         )
-
-
-def _line_to_row(line: object) -> int | None:
-    """Uploaded line (header = 1) to submitted row; ``None`` for the header, line 0 or garbage."""
-    try:
-        row = int(str(line)) - 2
-    except ValueError:
-        return None
-    return row if row >= 0 else None
 
 
 def to_csv_bytes(frame: pd.DataFrame) -> bytes:

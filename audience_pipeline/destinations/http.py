@@ -37,6 +37,7 @@ __all__ = [
     "VendorHTTP",
     "VendorHTTPError",
     "parse_error_body",
+    "retry_after_seconds",
 ]
 
 logger = logging.getLogger("audience_pipeline.http")
@@ -212,8 +213,11 @@ def _truncate(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
-def _retry_after_seconds(response: httpx.Response) -> float | None:
-    """Parse ``Retry-After`` as delta-seconds or an HTTP date; ``None`` when absent or garbage."""
+def retry_after_seconds(response: httpx.Response) -> float | None:
+    """Parse ``Retry-After`` as delta-seconds or an HTTP date; ``None`` when absent or garbage.
+
+    Public for callers that wait on a 429 themselves (APSIS's pending-import limit).
+    """
     value = response.headers.get("Retry-After", "").strip()
     if not value:
         return None
@@ -453,7 +457,7 @@ class VendorHTTP:
             except httpx.TransportError as exc:
                 outcome.error = exc
             else:
-                outcome.retry_after = _retry_after_seconds(outcome.response)
+                outcome.retry_after = retry_after_seconds(outcome.response)
             self._log_attempt(outcome, (time.perf_counter() - started) * 1000)
             return outcome
 

@@ -24,18 +24,25 @@ class DestinationResource(Protocol):
     def destination(self, options: dict) -> Destination: ...
 
 
+_TYPES: dict[type, tuple[type[BaseModel], type[dg.ConfigurableResource]]] = {
+    CommunicateXIDestination: (cxi.CxiOptions, cxi.CommunicateXIResource),
+    AdobeExperiencePlatformDestination: (aep.AepOptions, aep.AepResource),
+    AltcraftDestination: (altcraft.AltcraftOptions, altcraft.AltcraftResource),
+    ApsisOneDestination: (apsis.ApsisOptions, apsis.ApsisResource),
+    YesmailDestination: (yesmail.YesmailOptions, yesmail.YesmailResource),
+}
+"""Destination config type -> (its feeds' options model, its Dagster resource)."""
+
+
+def _entry(config: DestinationConfig) -> tuple[type[BaseModel], type[dg.ConfigurableResource]]:
+    entry = _TYPES.get(type(config))
+    if entry is None:
+        raise TypeError(f"unknown destination type {config.type!r}")
+    return entry
+
+
 def options_model(config: DestinationConfig) -> type[BaseModel]:
-    if isinstance(config, CommunicateXIDestination):
-        return cxi.CxiOptions
-    if isinstance(config, AdobeExperiencePlatformDestination):
-        return aep.AepOptions
-    if isinstance(config, AltcraftDestination):
-        return altcraft.AltcraftOptions
-    if isinstance(config, ApsisOneDestination):
-        return apsis.ApsisOptions
-    if isinstance(config, YesmailDestination):
-        return yesmail.YesmailOptions
-    raise TypeError(f"unknown destination type {config.type!r}")
+    return _entry(config)[0]
 
 
 def vendor_of(config: DestinationConfig) -> str:
@@ -48,52 +55,14 @@ def config_value(value: str | SecretRef) -> str | dg.EnvVar:
 
 
 def build_resource(config: DestinationConfig) -> dg.ConfigurableResource:
-    if isinstance(config, CommunicateXIDestination):
-        return cxi.CommunicateXIResource(
-            base_url=config_value(config.base_url),
-            api_key=config_value(config.api_key),
-            timeout_seconds=config.timeout_seconds,
-        )
-    if isinstance(config, AdobeExperiencePlatformDestination):
-        optional = {
-            key: config_value(getattr(config, key))
-            for key in ("client_secret", "access_token", "s3_access_key_id", "s3_secret_access_key")
-            if getattr(config, key) is not None
-        }
-        return aep.AepResource(
-            base_url=config_value(config.base_url),
-            ims_url=config_value(config.ims_url),
-            client_id=config_value(config.client_id),
-            org_id=config_value(config.org_id),
-            sandbox_name=config_value(config.sandbox_name),
-            scopes=config.scopes,
-            timeout_seconds=config.timeout_seconds,
-            **optional,
-        )
-    if isinstance(config, AltcraftDestination):
-        return altcraft.AltcraftResource(
-            base_url=config_value(config.base_url),
-            token=config_value(config.token),
-            timeout_seconds=config.timeout_seconds,
-            max_in_flight=config.max_in_flight,
-            max_profiles_per_request=config.max_profiles_per_request,
-            max_request_bytes=config.max_request_bytes,
-        )
-    if isinstance(config, ApsisOneDestination):
-        return apsis.ApsisResource(
-            base_url=config_value(config.base_url),
-            client_id=config_value(config.client_id),
-            client_secret=config_value(config.client_secret),
-            timeout_seconds=config.timeout_seconds,
-        )
-    if isinstance(config, YesmailDestination):
-        return yesmail.YesmailResource(
-            base_url=config_value(config.base_url),
-            api_user=config_value(config.api_user),
-            api_key=config_value(config.api_key),
-            timeout_seconds=config.timeout_seconds,
-            max_in_flight=config.max_in_flight,
-            max_members_per_request=config.max_members_per_request,
-            max_request_bytes=config.max_request_bytes,
-        )
-    raise TypeError(f"unknown destination type {config.type!r}")
+    """The destination's resource: each resource field takes the config key of the same name.
+
+    Keys left unset (``None``) are not passed, so the resource's own default applies.
+    """
+    resource = _entry(config)[1]
+    values = {
+        name: config_value(value)
+        for name in resource.model_fields
+        if (value := getattr(config, name, None)) is not None
+    }
+    return resource(**values)

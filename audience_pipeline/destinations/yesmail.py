@@ -40,7 +40,7 @@ from urllib.parse import quote
 import dagster as dg
 import pandas as pd
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from audience_pipeline.destinations.base import (
     ChunkJob,
@@ -50,9 +50,11 @@ from audience_pipeline.destinations.base import (
     JobStatus,
     RowFailure,
     combine_states,
+    every_row,
 )
 from audience_pipeline.destinations.http import VendorError, VendorHTTP, VendorHTTPError
 from audience_pipeline.destinations.json_batches import Batch, encode_records, pack_batches, send_concurrently
+from audience_pipeline.destinations.options import VendorOptions, not_a_column
 
 VENDOR = "yesmail"
 logger = logging.getLogger("audience_pipeline.yesmail")
@@ -68,10 +70,8 @@ DEFAULT_ATTRIBUTES = {"FIRSTNAME": "first_name", "LASTNAME": "last_name"}
 IGNORED_REASON = "already on the target list; importType ignore kept the existing member"
 
 
-class YesmailOptions(BaseModel):
+class YesmailOptions(VendorOptions):
     """Feed options for Yesmail; ``id_field`` and ``attributes`` values name canonical columns."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     target_list: str = Field(min_length=1)
     import_type: Literal["ignore", "update"] = "update"
@@ -96,13 +96,11 @@ class YesmailOptions(BaseModel):
         """Options that name columns the feed does not produce; default attributes may be absent."""
         problems: list[tuple[str | None, str]] = []
         if self.id_field not in columns:
-            problems.append(("id_field", f"{self.id_field!r} is not a column of this feed: {columns}"))
+            problems.append(not_a_column("id_field", self.id_field, columns))
         if "attributes" in self.model_fields_set:
             for name, column in self.attributes.items():
                 if column not in columns:
-                    problems.append(
-                        ("attributes", f"{name}: {column!r} is not a column of this feed: {columns}")
-                    )
+                    problems.append(not_a_column("attributes", column, columns, entry=name))
         return problems
 
 
@@ -318,7 +316,7 @@ def _job_failures(
         if state == "completed":
             return [], [f"ticket {job.job_id} completed without async results"]
         reason = f"Yesmail ticket {state}: {message or 'no details'}"
-        return [RowFailure(row=job.first_row + i, reason=reason) for i in range(job.row_count)], []
+        return every_row(job, reason), []
     notes: list[str] = []
     decided: dict[int, RowFailure] = {}
     completed: set[int] = set()

@@ -42,7 +42,6 @@ import codecs
 import contextlib
 import csv
 import email.utils
-import hmac
 import math
 import os
 import secrets
@@ -58,6 +57,9 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+
+from audience_pipeline.sandbox.auth import same_secret
+from audience_pipeline.sandbox.uploads import unlink
 
 if TYPE_CHECKING:
     from audience_pipeline.sandbox.app import SandboxSettings
@@ -169,7 +171,7 @@ class AepVendor:
             blobs = list(self._blobs.values())
             self._init_state()
         for blob in blobs:
-            _unlink(blob.path)
+            unlink(blob.path)
 
     def demo_env(self, base_url: str) -> dict[str, str]:
         return {
@@ -218,9 +220,9 @@ class AepVendor:
         form = await request.form()
         if form.get("grant_type") != "client_credentials":
             return _ims_error(400, "unsupported_grant_type", "grant_type must be client_credentials")
-        if not _same(str(form.get("client_id") or ""), self._client_id):
+        if not same_secret(str(form.get("client_id") or ""), self._client_id):
             return _ims_error(400, "invalid_client", "invalid client_id parameter")
-        if not _same(str(form.get("client_secret") or ""), self._client_secret):
+        if not same_secret(str(form.get("client_secret") or ""), self._client_secret):
             return _ims_error(401, "invalid_client", "invalid client_secret parameter")
         token = "eyJ" + secrets.token_urlsafe(32)
         with self._lock:
@@ -250,9 +252,9 @@ class AepVendor:
             expires = self._tokens.get(token.strip())
         if expires is None or expires < time.time():
             raise AepError(401, "100920", "Access token is invalid or expired")
-        if not _same(request.headers.get("x-api-key", ""), self._client_id):
+        if not same_secret(request.headers.get("x-api-key", ""), self._client_id):
             raise AepError(401, "100922", "x-api-key does not match the client the token was issued to")
-        if not _same(request.headers.get("x-gw-ims-org-id", ""), self._org_id):
+        if not same_secret(request.headers.get("x-gw-ims-org-id", ""), self._org_id):
             raise AepError(401, "100921", "No valid imsOrgId is provided in x-gw-ims-org-id")
         sandbox = request.headers.get("x-sandbox-name")
         if not sandbox:
@@ -282,7 +284,7 @@ class AepVendor:
     def _blob_auth(self, request: Request) -> Response | None:
         if request.path_params["container"] != CONTAINER:
             return _blob_error(404, "ContainerNotFound", "The specified container does not exist.")
-        if not _same(request.query_params.get("sig", ""), self._sig):
+        if not same_secret(request.query_params.get("sig", ""), self._sig):
             return _blob_error(403, "AuthenticationFailed", "Server failed to authenticate the request.")
         return None
 
@@ -301,7 +303,7 @@ class AepVendor:
                 size += len(chunk)
                 if size > self._max_upload:
                     target.close()
-                    _unlink(path)
+                    unlink(path)
                     return _blob_error(413, "RequestBodyTooLarge", "The request body is too large.")
                 target.write(chunk)
         key = f"{CONTAINER}/{request.path_params['blob']}"
@@ -310,7 +312,7 @@ class AepVendor:
             old = self._blobs.get(key)
             self._blobs[key] = _Blob(path, modified, size)
         if old is not None:
-            _unlink(old.path)
+            unlink(old.path)
         headers = {
             "Last-Modified": email.utils.formatdate(modified, usegmt=True),
             "ETag": f'"{uuid.uuid4()}"',
@@ -720,10 +722,6 @@ def _ims_error(status: int, code: str, description: str) -> Response:
     return JSONResponse({"error": code, "error_description": description}, status_code=status)
 
 
-def _same(given: str, expected: str) -> bool:
-    return hmac.compare_digest(given.encode(), expected.encode())
-
-
 def _s3_client(connection: dict[str, str]) -> Any:
     import boto3
 
@@ -734,8 +732,3 @@ def _s3_client(connection: dict[str, str]) -> Any:
         aws_secret_access_key=connection["secret_access_key"],
         region_name=connection.get("region") or "us-east-1",
     )
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)

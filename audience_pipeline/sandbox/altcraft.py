@@ -45,9 +45,7 @@ Interpretation of the vendor's silences (the client in ``destinations/altcraft.p
 
 from __future__ import annotations
 
-import hmac
 import json
-import re
 import threading
 import time
 import uuid
@@ -59,6 +57,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from audience_pipeline.sandbox.auth import same_secret
+from audience_pipeline.sandbox.rows import INVALID_EMAIL, email_problem, is_e164, sandbox_failure
+
 if TYPE_CHECKING:
     from audience_pipeline.sandbox.app import SandboxSettings
 
@@ -67,10 +68,6 @@ STATUS_PATH = "/api/v1.1/tasks/status"
 MAX_BODY_BYTES = 10 * 1024 * 1024
 MAX_PROFILES = 10_000
 MATCHING_MODES = ("email", "email_profile", "phone", "profile_id", "custom")
-SANDBOX_FAIL_PREFIX = "SANDBOX_FAIL:"
-UNDELIVERABLE_TLDS = frozenset({"invalid", "test", "localhost"})
-EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-E164_RE = re.compile(r"^\+[1-9]\d{6,14}$")
 _DRAIN_LIMIT = 64 * 1024 * 1024
 """How much of an oversized body is read (and dropped) so the client sees the answer, not a reset."""
 
@@ -192,9 +189,8 @@ def _profile_error(request: ImportRequest, item: Any, store: ProfileStore) -> tu
     data = item.get("data") if isinstance(item, dict) else None
     if not isinstance(data, dict):
         return "Profile data is missing", None
-    for value in data.values():
-        if isinstance(value, str) and value.startswith(SANDBOX_FAIL_PREFIX):
-            return value[len(SANDBOX_FAIL_PREFIX) :].strip(), None
+    if (reason := sandbox_failure(data.values())) is not None:
+        return reason, None
     key, value = _matching_value(request, item, data)
     if value is None or (isinstance(value, str) and not value.strip()):
         return f"Matching field '{key}' is missing", None
@@ -203,12 +199,10 @@ def _profile_error(request: ImportRequest, item: Any, store: ProfileStore) -> tu
         return f"Profile '{value}' not found", None
     email = data.get("email")
     if email is not None:
-        if not isinstance(email, str) or not EMAIL_RE.match(email):
-            return "Invalid email address", None
-        domain = email.rsplit("@", 1)[-1]
-        if domain.rsplit(".", 1)[-1].lower() in UNDELIVERABLE_TLDS:
-            return f"Email domain '{domain}' does not accept mail", None
-    if data.get("phones") is not None and not all(E164_RE.match(p) for p in _phones(data["phones"]) or [""]):
+        problem = email_problem(email) if isinstance(email, str) else INVALID_EMAIL
+        if problem is not None:
+            return problem, None
+    if data.get("phones") is not None and not all(is_e164(p) for p in _phones(data["phones"]) or [""]):
         return "Invalid phone number, expected E.164", None
     return None, existing
 
@@ -340,9 +334,7 @@ class AltcraftVendor:
                 if not isinstance(payload, dict):
                     raise _invalid("request body must be a JSON object")
                 token = payload.get("token")
-                if not isinstance(token, str) or not hmac.compare_digest(
-                    token.encode(), self._token.encode()
-                ):
+                if not isinstance(token, str) or not same_secret(token, self._token):
                     raise AltcraftError(401, 401, "Invalid API token")
                 request.state.body_bytes = len(raw)
                 return await handler(request, payload)

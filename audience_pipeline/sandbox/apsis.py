@@ -42,24 +42,22 @@ Interpretation of the vendor's silences (the client is written against these):
 from __future__ import annotations
 
 import base64
-import contextlib
 import csv
 import datetime as dt
 import hashlib
 import hmac
 import json
 import math
-import os
 import re
 import secrets
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from json import JSONDecodeError
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
@@ -67,7 +65,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import Message, Receive
+
+from audience_pipeline.sandbox.auth import same_secret
+from audience_pipeline.sandbox.rows import FirstLines, data_records, email_problem, is_e164, sandbox_failure
+from audience_pipeline.sandbox.timestamps import iso_millis
+from audience_pipeline.sandbox.uploads import CappedForm, spool, unlink
 
 if TYPE_CHECKING:
     from audience_pipeline.sandbox.app import SandboxSettings
@@ -85,14 +87,8 @@ TOPICS: dict[str, str | None] = {  # discriminator -> channel (None: not channel
     "com.apsis1.topics.company-news": None,
 }
 CHANNELS = ("com.apsis1.channels.email", "com.apsis1.channels.sms")
-SANDBOX_FAIL_PREFIX = "SANDBOX_FAIL:"
-UNDELIVERABLE_TLDS = frozenset({"invalid", "test", "localhost"})
-EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-E164_RE = re.compile(r"^\+[1-9]\d{6,14}$")
 DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 INTEGER_RE = re.compile(r"^[+-]?\d+$")
-FORM_OVERHEAD_BYTES = 1024 * 1024
-_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -110,12 +106,11 @@ class Attribute:
     def problem(self, value: str) -> tuple[str, str] | None:
         """``(code, message)`` when a non-empty value cannot be stored in this attribute."""
         if self.discriminator.endswith(".email"):
-            if not EMAIL_RE.match(value):
-                return "invalid_email", f"'{value}' is not a valid email address"
-            if value.rsplit(".", 1)[-1].lower() in UNDELIVERABLE_TLDS:
-                return "invalid_email", f"Email domain '{value.rsplit('@', 1)[-1]}' does not accept mail"
+            problem = email_problem(value, invalid=f"'{value}' is not a valid email address")
+            if problem is not None:
+                return "invalid_email", problem
         elif self.discriminator.endswith(".mobile"):
-            if not E164_RE.match(value):
+            if not is_e164(value):
                 return "invalid_mobile", f"'{value}' is not a mobile number in E.164 format"
         elif self.type == "date":
             try:
@@ -217,24 +212,13 @@ def check_file(
         )
     key_col = columns[spec.key_field]
     checks = [(name, columns[name], attribute) for name, attribute in spec.attributes.items()]
-    first_seen: dict[str, int] = {}
+    first_seen = FirstLines()
     good: list[tuple[int, str]] = []
-    previous = reader.line_num
-    while True:
-        line = previous + 1
-        try:
-            row = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            row, problem = None, (None, "invalid_row", f"Malformed CSV record: {exc}")
-        else:
-            problem = None
-        previous = reader.line_num
-        if row == []:
-            continue
+    for line, row, malformed in data_records(reader):
         result.total += 1
-        if row is not None:
+        if row is None:
+            problem: tuple[str | None, str, str] | None = (None, "invalid_row", str(malformed))
+        else:
             problem = _row_problem(row, len(header), key_col, spec.key_field, checks, line, first_seen)
         if problem is None:
             good.append((line, row[key_col].strip()))
@@ -267,17 +251,16 @@ def _row_problem(
     key_field: str,
     checks: list[tuple[str, int, Attribute]],
     line: int,
-    first_seen: dict[str, int],
+    first_seen: FirstLines,
 ) -> tuple[str | None, str, str] | None:
     if len(row) != width:
         return None, "invalid_row", f"Expected {width} fields, found {len(row)}"
-    for cell in row:
-        if cell.startswith(SANDBOX_FAIL_PREFIX):
-            return None, "rejected", cell[len(SANDBOX_FAIL_PREFIX) :].strip()
+    if (reason := sandbox_failure(row)) is not None:
+        return None, "rejected", reason
     key = row[key_col].strip()
     if not key:
         return key_field, "missing_key", "Profile key is empty"
-    first = first_seen.setdefault(key, line)
+    first = first_seen.first(key, line)
     if first != line:
         return (
             key_field,
@@ -364,8 +347,7 @@ class _Import:
 
     def discard(self) -> None:
         if self.path:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            unlink(self.path)
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -447,10 +429,8 @@ class ApsisVendor:
             return error(400, "Body must be a JSON object or a form")
         if payload.get("grant_type") != "client_credentials":
             return error(400, "grant_type must be client_credentials")
-        given_id = str(payload.get("client_id") or "").encode()
-        given_secret = str(payload.get("client_secret") or "").encode()
-        valid_id = hmac.compare_digest(given_id, self._client_id.encode())
-        if not (hmac.compare_digest(given_secret, self._client_secret.encode()) and valid_id):
+        valid_id = same_secret(str(payload.get("client_id") or ""), self._client_id)
+        if not (same_secret(str(payload.get("client_secret") or ""), self._client_secret) and valid_id):
             return error(401, "Invalid client credentials")
         token = secrets.token_urlsafe(32)
         with self._lock:
@@ -574,15 +554,26 @@ class ApsisVendor:
     async def _upload(self, request: Request) -> Response:
         try:
             imp = self._check_presigned(request)
-            async with _Form(request, self._max_file_bytes) as form:
+            async with CappedForm(
+                request,
+                self._max_file_bytes,
+                too_large=partial(_too_large, self._max_file_bytes),
+                unreadable=lambda detail: ApsisError(400, f"Unreadable multipart body: {detail}"),
+            ) as form:
                 self._check_policy(imp, form)
                 upload = form.get("file")
                 if not isinstance(upload, UploadFile):
                     raise ApsisError(400, "Missing file part 'file'")
-                path = await run_in_threadpool(_spool, upload.file, self._max_file_bytes)
+                path = await run_in_threadpool(
+                    spool,
+                    upload.file,
+                    self._max_file_bytes,
+                    prefix="sandbox-apsis-",
+                    too_large=partial(_too_large, self._max_file_bytes),
+                )
             with self._lock:
                 if imp.uploaded_at is not None or self._imports.get(imp.id) is not imp:
-                    _unlink(path)
+                    unlink(path)
                     raise ApsisError(409, f"A file was already uploaded for import {imp.id}")
                 imp.path, imp.uploaded_at = path, time.time()
                 imp.fail_with, self._fail_next = self._fail_next, None
@@ -735,73 +726,10 @@ def _consent_fields(consent: Any) -> list[str]:
     return [str(consent["field_selector"])] if consent.get("field_selector") else []
 
 
-class _Form:
-    """``async with`` a parsed multipart body capped at the file limit (plus form overhead)."""
-
-    def __init__(self, request: Request, max_file_bytes: int) -> None:
-        self._request = request
-        self._max = max_file_bytes
-        self._form: FormData | None = None
-
-    async def __aenter__(self) -> FormData:
-        limit = self._max + FORM_OVERHEAD_BYTES
-        declared = self._request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise _too_large(self._max)
-        receive = _capped(self._request.receive, limit, self._max)
-        try:
-            self._form = await Request(self._request.scope, receive=receive).form()
-        except HTTPException as exc:
-            raise ApsisError(400, f"Unreadable multipart body: {exc.detail}") from exc
-        return self._form
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        if self._form is not None:
-            await self._form.close()
-
-
-def _capped(receive: Receive, limit: int, max_file_bytes: int) -> Receive:
-    seen = 0
-
-    async def wrapped() -> Message:
-        nonlocal seen
-        message = await receive()
-        seen += len(message.get("body", b""))
-        if seen > limit:
-            raise _too_large(max_file_bytes)
-        return message
-
-    return wrapped
-
-
 def _too_large(max_file_bytes: int) -> ApsisError:
     return ApsisError(413, f"EntityTooLarge: the import file exceeds {max_file_bytes} bytes; split it")
 
 
-def _spool(source: BinaryIO, limit: int) -> str:
-    """Copy the upload to a file the sandbox owns, enforcing the size limit; UTF-8 is checked later."""
-    fd, path = tempfile.mkstemp(prefix="sandbox-apsis-", suffix=".csv")
-    try:
-        size = 0
-        source.seek(0)
-        with os.fdopen(fd, "wb") as target:
-            while chunk := source.read(_CHUNK):
-                size += len(chunk)
-                if size > limit:
-                    raise _too_large(limit)
-                target.write(chunk)
-    except BaseException:
-        _unlink(path)
-        raise
-    return path
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
 def _iso(epoch: float) -> str:
     """RFC 3339 UTC with milliseconds, as APSIS writes date-times."""
-    moment = dt.datetime.fromtimestamp(epoch, dt.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return iso_millis(dt.datetime.fromtimestamp(epoch, dt.UTC))

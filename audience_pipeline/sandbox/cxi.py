@@ -42,45 +42,36 @@ Interpretation of the vendor's silences (the client is written against these):
 from __future__ import annotations
 
 import codecs
-import contextlib
 import csv
-import hmac
-import os
 import re
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from json import JSONDecodeError
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import Message, Receive
 
+from audience_pipeline.sandbox.auth import same_secret
 from audience_pipeline.sandbox.faults import error_response
+from audience_pipeline.sandbox.rows import FirstLines, data_records, email_problem, is_e164, sandbox_failure
+from audience_pipeline.sandbox.timestamps import iso_millis
+from audience_pipeline.sandbox.uploads import CappedForm, spool, unlink
 
 if TYPE_CHECKING:
     from audience_pipeline.sandbox.app import SandboxSettings
 
 API_KEY_HEADER = "X-GSCC-Api-Key"
 BASE_PATHS = ("/public-api/audience-imports", "/public-api/audience-import")
-SANDBOX_FAIL_PREFIX = "SANDBOX_FAIL:"
-UNDELIVERABLE_TLDS = frozenset({"invalid", "test", "localhost"})  # RFC 2606: reserved, never deliverable
 FIELD_PARAMS = ("emailFieldName", "mobilePhoneFieldName", "nameFieldName", "uniqueIdFieldName")
-FORM_OVERHEAD_BYTES = 1024 * 1024
-"""Slack above ``max_upload_bytes`` for the rest of a multipart body (boundaries, other fields)."""
-
-EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-E164_RE = re.compile(r"^\+[1-9]\d{6,14}$")
-_CHUNK = 1024 * 1024
 TERMINAL = ("completed", "failed")
 
 
@@ -135,22 +126,8 @@ def check_rows(lines: Iterable[str], fields: FieldMapping) -> CheckResult:
     email_col = columns.get(fields.email) if fields.email else None
     phone_col = columns.get(fields.mobile_phone) if fields.mobile_phone else None
     uid_col = columns.get(fields.unique_id) if fields.unique_id else None
-    first_seen: dict[str, int] = {}
-    previous = reader.line_num
-    while True:
-        line = previous + 1
-        try:
-            row = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            error: str | None = f"Malformed CSV record: {exc}"
-            row = None
-        else:
-            error = None
-        previous = reader.line_num
-        if row == []:
-            continue
+    first_seen = FirstLines()
+    for line, row, error in data_records(reader):
         result.total += 1
         if row is not None:
             error = _row_error(row, width, email_col, phone_col, uid_col, line, first_seen)
@@ -169,15 +146,14 @@ def _row_error(
     phone_col: int | None,
     uid_col: int | None,
     line: int,
-    first_seen: dict[str, int],
+    first_seen: FirstLines,
 ) -> str | None:
     if len(row) != width:
         return f"Expected {width} fields, found {len(row)}"
     uid = row[uid_col].strip() if uid_col is not None else ""
-    first_line = first_seen.setdefault(uid, line) if uid else line
-    for cell in row:
-        if cell.startswith(SANDBOX_FAIL_PREFIX):
-            return cell[len(SANDBOX_FAIL_PREFIX) :].strip()
+    first_line = first_seen.first(uid, line) if uid else line
+    if (reason := sandbox_failure(row)) is not None:
+        return reason
     if uid_col is not None and not uid:
         return "Missing unique ID value"
     if first_line != line:
@@ -186,11 +162,9 @@ def _row_error(
     phone = row[phone_col].strip() if phone_col is not None else ""
     if not email and not phone:
         return "Row has no email address or mobile phone number"
-    if email and not EMAIL_RE.match(email):
-        return "Invalid email address"
-    if email and email.rsplit(".", 1)[-1].lower() in UNDELIVERABLE_TLDS:
-        return f"Email domain '{email.rsplit('@', 1)[-1]}' does not accept mail"
-    if phone and not E164_RE.match(phone):
+    if email and (problem := email_problem(email)) is not None:
+        return problem
+    if phone and not is_e164(phone):
         return "Invalid mobile phone number, expected E.164"
     return None
 
@@ -205,7 +179,7 @@ class _Upload:
     headers: list[str]
 
     def discard(self) -> None:
-        _unlink(self.path)
+        unlink(self.path)
 
 
 @dataclass
@@ -315,7 +289,7 @@ class _Import:
         for job in reversed(self.jobs):
             ended_at = job.ended_at(now)
             if ended_at is not None:
-                field_names, members_updated_at = list(job.headers), _iso(ended_at)
+                field_names, members_updated_at = list(job.headers), iso_millis(ended_at)
                 break
         return {
             "id": self.id,
@@ -329,9 +303,9 @@ class _Import:
             "nameFieldName": self.fields.name,
             "uniqueIdFieldName": self.fields.unique_id,
             "asyncJobId": latest.id,
-            "createdAt": _iso(self.created_at),
+            "createdAt": iso_millis(self.created_at),
             "membersUpdatedAt": members_updated_at,
-            "updatedAt": _iso(self.updated_at),
+            "updatedAt": iso_millis(self.updated_at),
         }
 
 
@@ -388,7 +362,7 @@ class CxiVendor:
         async def endpoint(request: Request) -> Response:
             try:
                 given = request.headers.get(API_KEY_HEADER, "")
-                if not hmac.compare_digest(given.encode(), self._api_key.encode()):
+                if not same_secret(given, self._api_key):
                     raise CxiError(401, "unauthorized", "Invalid API Token key")
                 return await handler(request)
             except CxiError as exc:
@@ -540,8 +514,13 @@ class CxiVendor:
         threading.Thread(target=job.run, name=f"cxi-job-{job.id}", daemon=True).start()
         return job
 
-    def _read_form(self, request: Request) -> _FormReader:
-        return _FormReader(request, self._max_upload_bytes)
+    def _read_form(self, request: Request) -> CappedForm:
+        return CappedForm(
+            request,
+            self._max_upload_bytes,
+            too_large=partial(_too_large, self._max_upload_bytes),
+            unreadable=lambda detail: CxiError(400, "invalid_request", f"Unreadable form body: {detail}"),
+        )
 
     async def _spool(self, form: FormData) -> _Upload:
         upload = form.get("file")
@@ -549,46 +528,6 @@ class CxiVendor:
             raise CxiError(400, "invalid_file", "file is required and must be an uploaded CSV file")
         file_name = re.split(r"[\\/]", upload.filename or "")[-1] or "upload.csv"
         return await run_in_threadpool(_spool_upload, upload.file, file_name, self._max_upload_bytes)
-
-
-class _FormReader:
-    """``async with`` a parsed form whose body is capped, closing its temporary files afterwards."""
-
-    def __init__(self, request: Request, max_upload_bytes: int) -> None:
-        self._request = request
-        self._max_upload_bytes = max_upload_bytes
-        self._form: FormData | None = None
-
-    async def __aenter__(self) -> FormData:
-        limit = self._max_upload_bytes + FORM_OVERHEAD_BYTES
-        declared = self._request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise _too_large(self._max_upload_bytes)
-        receive = _capped(self._request.receive, limit, self._max_upload_bytes)
-        try:
-            self._form = await Request(self._request.scope, receive=receive).form()
-        except HTTPException as exc:
-            raise CxiError(400, "invalid_request", f"Unreadable form body: {exc.detail}") from exc
-        return self._form
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        if self._form is not None:
-            await self._form.close()
-
-
-def _capped(receive: Receive, limit: int, max_upload_bytes: int) -> Receive:
-    """Wrap ``receive`` so bodies without Content-Length are capped too."""
-    seen = 0
-
-    async def wrapped() -> Message:
-        nonlocal seen
-        message = await receive()
-        seen += len(message.get("body", b""))
-        if seen > limit:
-            raise _too_large(max_upload_bytes)
-        return message
-
-    return wrapped
 
 
 def _too_large(max_upload_bytes: int) -> CxiError:
@@ -600,26 +539,25 @@ def _spool_upload(source: BinaryIO, file_name: str, limit: int) -> _Upload:
 
     Runs in a worker thread: a large upload costs one pass over its bytes, nothing more.
     """
-    fd, path = tempfile.mkstemp(prefix="sandbox-cxi-", suffix=".csv")
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    chars = 0
+
+    def count(chunk: bytes) -> None:
+        nonlocal chars
+        chars += len(decoder.decode(chunk))
+
     try:
-        decoder = codecs.getincrementaldecoder("utf-8-sig")()
-        size = chars = 0
-        source.seek(0)
-        with os.fdopen(fd, "wb") as target:
-            while chunk := source.read(_CHUNK):
-                size += len(chunk)
-                if size > limit:
-                    raise _too_large(limit)
-                chars += len(decoder.decode(chunk))
-                target.write(chunk)
+        path = spool(
+            source, limit, prefix="sandbox-cxi-", too_large=partial(_too_large, limit), on_chunk=count
+        )
+        try:
             chars += len(decoder.decode(b"", final=True))
-        headers = _read_header(path)
+            headers = _read_header(path)
+        except BaseException:
+            unlink(path)
+            raise
     except UnicodeDecodeError as exc:
-        _unlink(path)
         raise CxiError(400, "invalid_file", f"File is not valid UTF-8 (byte {exc.start})") from exc
-    except BaseException:
-        _unlink(path)
-        raise
     return _Upload(path, file_name, chars, headers)
 
 
@@ -671,13 +609,3 @@ def _check_fields(fields: FieldMapping, headers: list[str]) -> None:
             )
     if not fields.email and not fields.mobile_phone:
         raise CxiError(400, "missing_channel_field", "emailFieldName or mobilePhoneFieldName is required")
-
-
-def _iso(moment: datetime) -> str:
-    """ISO 8601 in UTC with milliseconds and ``Z``, as the vendor writes timestamps."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)

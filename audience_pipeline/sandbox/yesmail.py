@@ -46,7 +46,6 @@ Interpretation of the vendor's silences (the client is written against these):
 
 from __future__ import annotations
 
-import hmac
 import json
 import re
 import threading
@@ -62,15 +61,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from audience_pipeline.sandbox.auth import same_secret
 from audience_pipeline.sandbox.faults import error_response
+from audience_pipeline.sandbox.rows import UNDELIVERABLE_TLDS, sandbox_failure
+from audience_pipeline.sandbox.timestamps import iso_millis
 
 if TYPE_CHECKING:
     from audience_pipeline.sandbox.app import SandboxSettings
 
 USER_HEADER = "Api-User"
 KEY_HEADER = "Api-Key"
-SANDBOX_FAIL_PREFIX = "SANDBOX_FAIL:"
-UNKNOWN_TLDS = frozenset({"invalid", "test", "localhost", "example"})
+UNKNOWN_TLDS = UNDELIVERABLE_TLDS | {"example"}
+"""Every RFC 2606 TLD: Yesmail knows no subscriber there (a reason of its own, not a bounce)."""
 IMPORT_TYPES = ("ignore", "update")
 _PERCENT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 _MEMBERS_RE = re.compile(rb'"members"\s*:\s*\[')
@@ -115,10 +117,7 @@ def member_error(member: Any) -> str | None:
             return f"Subscriber '{member_id}' does not exist"
     elif member_id.lower().startswith("unknown"):
         return f"Subscriber '{member_id}' does not exist"
-    for value in member.values():
-        if isinstance(value, str) and value.startswith(SANDBOX_FAIL_PREFIX):
-            return value[len(SANDBOX_FAIL_PREFIX) :].strip()
-    return None
+    return sandbox_failure(member.values())
 
 
 @dataclass
@@ -192,7 +191,7 @@ class Ticket:
             {
                 "state": state,
                 "message": message,
-                "time": _iso(self.created_at + timedelta(seconds=i * self.pace)),
+                "time": iso_millis(self.created_at + timedelta(seconds=i * self.pace)),
             }
             for i, (state, message) in enumerate(steps[:shown])
         ]
@@ -200,13 +199,18 @@ class Ticket:
         if shown > len(steps):
             state, message = self.final()
             end = self.created_at + timedelta(seconds=len(steps) * self.pace)
-            events.append({"state": state, "message": message, "time": _iso(end)})
+            events.append({"state": state, "message": message, "time": iso_millis(end)})
             if self.results is not None and not self.results.fatal:
                 response = {"location": f"{self.base_url}/v2/async-results/{self.results_id}"}
         return {
             "state": events[-1]["state"],
             "message": events[-1]["message"],
-            "request": {"id": self.ref, "user": self.user, "time": _iso(self.created_at), "uri": self.uri},
+            "request": {
+                "id": self.ref,
+                "user": self.user,
+                "time": iso_millis(self.created_at),
+                "uri": self.uri,
+            },
             "events": events,
             "lastUpdate": events[-1]["time"],
             "id": self.id,
@@ -216,7 +220,7 @@ class Ticket:
     def results_view(self) -> dict[str, Any]:
         results = self.results
         assert results is not None
-        when = _iso(self.done_at or self.created_at)
+        when = iso_millis(self.done_at or self.created_at)
         processed = len(results.completed) + len(results.failed) + len(results.ignored)
         return {
             "id": self.results_id,
@@ -316,8 +320,8 @@ class YesmailVendor:
             try:
                 user = request.headers.get(USER_HEADER, "")
                 key = request.headers.get(KEY_HEADER, "")
-                user_ok = hmac.compare_digest(user.encode(), self._user.encode())
-                if not (hmac.compare_digest(key.encode(), self._key.encode()) and user_ok):
+                user_ok = same_secret(user, self._user)
+                if not (same_secret(key, self._key) and user_ok):
                     raise YesmailError(401, "unauthorized", "Invalid Api-User and/or Api-Key header value")
                 return await handler(request)
             except YesmailError as exc:
@@ -504,7 +508,3 @@ class YesmailVendor:
         with self._lock:
             self._retrying = times
         return JSONResponse({"ok": True, "times": times})
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"

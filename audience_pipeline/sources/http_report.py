@@ -24,6 +24,7 @@ import dagster as dg
 import httpx
 from pydantic import Field
 
+from audience_pipeline.destinations.http import retry_after_seconds
 from audience_pipeline.redact import install_log_redaction, redact, redact_url, register_secret
 from audience_pipeline.sources.base import ChunkStream, SourceFile, SourceUnavailable
 
@@ -121,7 +122,8 @@ def _basic(username: str, password: str) -> str:
 
 
 def _retry_after(response: httpx.Response, attempt: int) -> float:
-    try:
-        return min(float(response.headers.get("Retry-After", "")), _MAX_RETRY_AFTER)
-    except ValueError:
+    """The server's ``Retry-After`` (seconds or HTTP date, capped), else exponential backoff."""
+    wait = retry_after_seconds(response)
+    if wait is None:
         return min(BACKOFF_SECONDS * 2 ** (attempt - 1), 10.0)
+    return min(wait, _MAX_RETRY_AFTER)

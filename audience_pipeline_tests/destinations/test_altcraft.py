@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,9 +29,10 @@ from audience_pipeline.destinations.altcraft import (
     AltcraftResource,
 )
 from audience_pipeline.destinations.base import JobHandle, JobState
-from audience_pipeline.destinations.http import RetryPolicy, VendorAuthError, VendorHTTP, VendorHTTPError
+from audience_pipeline.destinations.http import VendorAuthError, VendorHTTPError
 from audience_pipeline.feeds.loader import FeedsFileError, load_feeds
 from audience_pipeline.redact import redact
+from audience_pipeline_tests.destinations.fakes import fake_http
 
 TOKEN = "altcraft-unit-token-6d0b2f8e4a"
 BASE_URL = "https://altcraft.example.test/ac"
@@ -111,28 +112,13 @@ def fake() -> FakeAltcraft:
 
 
 @pytest.fixture
-def make_client(fake: FakeAltcraft) -> Iterator[Callable[..., AltcraftClient]]:
-    clients: list[AltcraftClient] = []
-
+def make_client(fake: FakeAltcraft, close_after: Callable) -> Callable[..., AltcraftClient]:
     def make(token: str = TOKEN, limits: dict[str, int] | None = None, **options: Any) -> AltcraftClient:
-        http = VendorHTTP(
-            VENDOR,
-            BASE_URL,
-            headers={"Accept": "application/json"},
-            secrets=[token],
-            transport=httpx.MockTransport(fake),
-            retry=RetryPolicy(attempts=2, backoff_base=0),
-            sleep=lambda _: None,
-        )
-        client = AltcraftClient(
-            http, AltcraftOptions(**{"trigger_id": 96, **options}), token, **(limits or {})
-        )
-        clients.append(client)
-        return client
+        http = fake_http(VENDOR, BASE_URL, fake, headers={"Accept": "application/json"}, secrets=[token])
+        options = {"trigger_id": 96, **options}
+        return close_after(AltcraftClient(http, AltcraftOptions(**options), token, **(limits or {})))
 
-    yield make
-    for client in clients:
-        client.close()
+    return make
 
 
 def rows(n: int = 3, **columns: list[str]) -> pd.DataFrame:

@@ -7,11 +7,10 @@ handling, request bodies, multipart uploads, splitting, 429 waits, redaction) is
 from __future__ import annotations
 
 import csv
-import email.parser
 import io
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,14 +31,13 @@ from audience_pipeline.destinations.apsis import (
 )
 from audience_pipeline.destinations.base import JobState
 from audience_pipeline.destinations.http import (
-    RetryPolicy,
     VendorAuthError,
     VendorError,
-    VendorHTTP,
     VendorHTTPError,
 )
 from audience_pipeline.destinations.registry import build_resource
 from audience_pipeline.feeds.loader import load_feeds
+from audience_pipeline_tests.destinations.fakes import fake_http, parse_multipart
 
 BASE_URL = "https://api.apsis.example.test"
 SECTION = "com.apsis1.sections.hr"
@@ -144,23 +142,14 @@ class FakeApsis:
         return _error(404, f"{request.method} {path}")
 
     def _upload(self, request: httpx.Request) -> httpx.Response:
-        head = f"Content-Type: {request.headers['Content-Type']}\r\n\r\n".encode()
-        message = email.parser.BytesParser().parsebytes(head + request.read())
-        fields, file_part = [], None
-        for part in message.get_payload():
-            if part.get_filename() is not None:
-                file_part = part
-            else:
-                name = part.get_param("name", header="content-disposition")
-                fields.append((name, part.get_payload(decode=True).decode()))
-        assert file_part is not None
+        form = parse_multipart(request)
         self.uploads.append(
             Upload(
                 str(request.url),
-                fields,
-                file_part.get_filename(),
-                file_part.get_content_type(),
-                file_part.get_payload(decode=True),
+                form.fields,
+                form.file_name,
+                form.content_type,
+                form.body,
                 request.headers.get("Authorization"),
             )
         )
@@ -199,19 +188,11 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def make_client(fake: FakeApsis, clock: Clock) -> Iterator[Callable[..., ApsisClient]]:
-    clients: list[ApsisClient] = []
+def make_client(fake: FakeApsis, clock: Clock, close_after: Callable) -> Callable[..., ApsisClient]:
     tokens = TokenCache()
 
     def make(secret: str = CLIENT_SECRET, **options: Any) -> ApsisClient:
-        http = VendorHTTP(
-            VENDOR,
-            BASE_URL,
-            headers={"Accept": "application/json"},
-            transport=httpx.MockTransport(fake),
-            retry=RetryPolicy(attempts=2, backoff_base=0),
-            sleep=lambda _: None,
-        )
+        http = fake_http(VENDOR, BASE_URL, fake, headers={"Accept": "application/json"})
         client = ApsisClient(
             http,
             ApsisOptions(section=SECTION, **options),
@@ -221,12 +202,9 @@ def make_client(fake: FakeApsis, clock: Clock) -> Iterator[Callable[..., ApsisCl
             clock=lambda: clock.now,
             sleep=clock.sleep,
         )
-        clients.append(client)
-        return client
+        return close_after(client)
 
-    yield make
-    for client in clients:
-        client.close()
+    return make
 
 
 def rows(n: int = 3) -> pd.DataFrame:

@@ -7,12 +7,11 @@ fields, CSV body, retries, error redaction) is the real code.
 from __future__ import annotations
 
 import csv
-import email.parser
 import io
 import json
 import logging
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,12 +28,11 @@ from audience_pipeline.destinations.cxi import (
     to_csv_bytes,
 )
 from audience_pipeline.destinations.http import (
-    RetryPolicy,
     VendorAuthError,
     VendorError,
-    VendorHTTP,
     VendorHTTPError,
 )
+from audience_pipeline_tests.destinations.fakes import Handler, fake_http, parse_multipart
 
 API_KEY = "cxi-unit-key-4b7d1e9a0c2f"
 BASE_URL = "https://cxi.example.test/cxi"
@@ -138,27 +136,9 @@ def _error(status: int, code: str, message: str) -> httpx.Response:
 
 
 def _parse_multipart(request: httpx.Request) -> Upload:
-    head = f"Content-Type: {request.headers['Content-Type']}\r\n\r\n".encode()
-    message = email.parser.BytesParser().parsebytes(head + request.read())
-    assert message.is_multipart()
-    fields: dict[str, str] = {}
-    file_part = None
-    for part in message.get_payload():
-        name = part.get_param("name", header="content-disposition")
-        if part.get_filename() is not None:
-            assert name == "file"
-            file_part = part
-        else:
-            fields[name] = part.get_payload(decode=True).decode("utf-8")
-    assert file_part is not None, "no file part"
-    return Upload(
-        method=request.method,
-        path=request.url.path,
-        fields=fields,
-        file_name=file_part.get_filename(),
-        content_type=file_part.get_content_type(),
-        body=file_part.get_payload(decode=True),
-    )
+    form = parse_multipart(request)
+    path = request.url.path
+    return Upload(request.method, path, dict(form.fields), form.file_name, form.content_type, form.body)
 
 
 @pytest.fixture
@@ -167,29 +147,17 @@ def fake() -> FakeCxi:
 
 
 @pytest.fixture
-def make_client(fake: FakeCxi) -> Iterator[Callable[..., CommunicateXIClient]]:
-    clients: list[CommunicateXIClient] = []
-
+def make_client(fake: FakeCxi, close_after: Callable) -> Callable[..., CommunicateXIClient]:
     def make(
         api_key: str = API_KEY,
-        handler: Callable[[httpx.Request], httpx.Response] | None = None,
+        handler: Handler | None = None,
         **options: Any,
     ) -> CommunicateXIClient:
-        http = VendorHTTP(
-            VENDOR,
-            BASE_URL,
-            headers={"X-GSCC-Api-Key": api_key, "Accept": "application/json"},
-            transport=httpx.MockTransport(handler or fake),
-            retry=RetryPolicy(attempts=2, backoff_base=0),
-            sleep=lambda _: None,
-        )
-        client = CommunicateXIClient(http, CxiOptions(import_name="All staff", **options))
-        clients.append(client)
-        return client
+        headers = {"X-GSCC-Api-Key": api_key, "Accept": "application/json"}
+        http = fake_http(VENDOR, BASE_URL, handler or fake, headers=headers)
+        return close_after(CommunicateXIClient(http, CxiOptions(import_name="All staff", **options)))
 
-    yield make
-    for client in clients:
-        client.close()
+    return make
 
 
 def rows() -> pd.DataFrame:

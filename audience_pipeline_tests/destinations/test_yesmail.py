@@ -18,13 +18,14 @@ import pytest
 from pydantic import ValidationError
 
 from audience_pipeline.destinations.base import JobState
-from audience_pipeline.destinations.http import RetryPolicy, VendorAuthError, VendorHTTP
+from audience_pipeline.destinations.http import RetryPolicy, VendorAuthError
 from audience_pipeline.destinations.yesmail import (
     IGNORED_REASON,
     YesmailClient,
     YesmailOptions,
     YesmailResource,
 )
+from audience_pipeline_tests.destinations.fakes import fake_http
 
 USER = "ym-unit-user-71c2"
 KEY = "ym-unit-key-9d4e0a6b3f"
@@ -111,14 +112,7 @@ class FakeYesmail:
 def _client(
     fake: FakeYesmail, *, per_request: int = 1000, in_flight: int = 3, **options: Any
 ) -> YesmailClient:
-    http = VendorHTTP(
-        "yesmail",
-        BASE,
-        headers={"Api-User": USER, "Api-Key": KEY},
-        transport=httpx.MockTransport(fake),
-        retry=RetryPolicy(attempts=2, backoff_base=0),
-        sleep=lambda s: None,
-    )
+    http = fake_http("yesmail", BASE, fake, headers={"Api-User": USER, "Api-Key": KEY})
     opts = YesmailOptions.model_validate({"target_list": "All Staff", **options})
     return YesmailClient(http, opts, max_members_per_request=per_request, max_in_flight=in_flight)
 
@@ -293,13 +287,8 @@ def test_options_validation_and_column_problems() -> None:
 def test_credentials_never_reach_errors_or_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     fake = FakeYesmail()
-    http = VendorHTTP(
-        "yesmail",
-        BASE,
-        headers={"Api-User": USER, "Api-Key": "wrong-key-3e8c1d"},
-        transport=httpx.MockTransport(fake),
-        retry=RetryPolicy(attempts=1),
-    )
+    headers = {"Api-User": USER, "Api-Key": "wrong-key-3e8c1d"}
+    http = fake_http("yesmail", BASE, fake, headers=headers, retry=RetryPolicy(attempts=1))
     client = YesmailClient(http, YesmailOptions(target_list="l"))
     with pytest.raises(VendorAuthError) as info:
         client.submit(_rows(["a@x.com"]), feed="f", partition="p")

@@ -175,7 +175,8 @@ def test_unknown_key_names_path_and_suggests_the_spelling(tmp_path: Path) -> Non
 
     assert "sources.hr_drop.glb: unknown key" in message
     assert "did you mean 'glob'?" in message
-    assert "expected one of: glob, path, type" in message
+    expected = "glob, move_processed_to, path, ready_marker, stable_after_seconds, type"
+    assert f"expected one of: {expected}" in message
 
 
 def test_unknown_key_keeps_capitalised_user_keys(tmp_path: Path) -> None:

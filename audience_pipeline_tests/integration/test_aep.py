@@ -3,34 +3,25 @@ sandbox (IMS, Platform API, Data Landing Zone) over real HTTP, and S3 through mo
 
 from __future__ import annotations
 
-import csv
-import dataclasses
 import logging
-import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
-import dagster as dg
-import httpx
 import pytest
 
-from audience_pipeline.assets import ACCOUNTING_CHECK, latest_metadata
 from audience_pipeline.cli import random_credentials
-from audience_pipeline.definitions import build_definitions
-from audience_pipeline.feeds.loader import load_feeds, register_feed_secrets
-from audience_pipeline.runner import SensorDriver
-from audience_pipeline.sandbox import SandboxServer, SandboxSettings
+from audience_pipeline.sandbox import SandboxSettings
 from audience_pipeline_tests.conftest import S3Server
-from audience_pipeline_tests.integration.conftest import DEMO_CSV
+from audience_pipeline_tests.integration.conftest import DEMO_CSV, Pipeline, PipelineFactory
+from audience_pipeline_tests.integration.leaks import assert_not_leaked, event_text
 
 pytestmark = pytest.mark.integration
 
 FEED = "staff_aep"
-KEY = lambda *parts: dg.AssetKey([FEED, *parts])  # noqa: E731
+SETTINGS = random_credentials(SandboxSettings(pace_seconds=0.05))
 DLZ = "{type: dlz, folder: hr}"
 FEEDS = """
 sources:
-  drop: {type: folder, path: "%(incoming)s"}
+  drop: {type: folder, path: incoming}
 destinations:
   aep:
     type: adobe_experience_platform
@@ -66,86 +57,26 @@ feeds:
 """
 
 
-@pytest.fixture(scope="module")
-def aep_server() -> Iterator[SandboxServer]:
-    settings = random_credentials(SandboxSettings(pace_seconds=0.05))
-    with SandboxServer(settings) as server:
-        yield server
-
-
-@dataclasses.dataclass
-class AepPipeline:
-    root: Path
-    defs: dg.Definitions
-    instance: dg.DagsterInstance
-    driver: SensorDriver
-    sandbox: SandboxServer
-
-    def drop(self, name: str, text: str) -> None:
-        (self.root / "incoming" / name).write_text(text, "utf-8")
-
-    def ingest(self) -> list[dg.DagsterRun]:
-        """Tick the new-file sensor until it launches runs (a file may settle for one listing)."""
-        for _ in range(3):
-            runs = self.driver.tick(f"{FEED}__new_files")
-            if runs:
-                return runs
-        return []
-
-    def reports(self, expected: int = 1, timeout: float = 20.0) -> list[dg.DagsterRun]:
-        runs: list[dg.DagsterRun] = []
-        deadline = time.monotonic() + timeout
-        while len(runs) < expected and time.monotonic() < deadline:
-            runs += self.driver.tick(f"{FEED}__import_status")
-            time.sleep(0.05)
-        assert len(runs) == expected, f"expected {expected} report runs, got {len(runs)}"
-        return runs
-
-    def report(self, partition: str) -> dict:
-        return latest_metadata(self.instance, KEY("failure_report"), partition) or {}
-
-    def control(self, path: str, payload: dict | None = None) -> dict:
-        url = f"{self.sandbox.url}/_sandbox/aep/{path}"
-        response = httpx.post(url, json=payload or {}, timeout=5) if payload is not None else httpx.get(url)
-        response.raise_for_status()
-        return response.json()
-
-    def audiences(self) -> list[dict]:
-        return self.control("audiences")["audiences"]
+@pytest.fixture
+def sandbox_settings() -> SandboxSettings:
+    return SETTINGS
 
 
 @pytest.fixture
-def aep_factory(tmp_path: Path, aep_server: SandboxServer, monkeypatch: pytest.MonkeyPatch):
-    aep_server.reset()
-    for name, value in aep_server.app.vendors["aep"].demo_env(aep_server.vendor_url("aep")).items():
-        monkeypatch.setenv(name, value)
+def aep_factory(
+    pipeline_factory: PipelineFactory, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Pipeline]:
     monkeypatch.setenv("AEP_TEST_S3_KEY_ID", "testing-access-key")
     monkeypatch.setenv("AEP_TEST_S3_SECRET", S3Server("").secret_access_key)
-    stack: list = []
 
-    def make(storage: str = DLZ) -> AepPipeline:
-        (tmp_path / "incoming").mkdir(exist_ok=True)
-        path = tmp_path / "feeds.yaml"
-        path.write_text(FEEDS % {"incoming": tmp_path / "incoming", "storage": storage}, "utf-8")
-        feeds = load_feeds(path)
-        register_feed_secrets(feeds)
-        defs = build_definitions(feeds, tmp_path / "home")
-        (tmp_path / "dagster").mkdir(exist_ok=True)
-        cm = dg.instance_for_test(temp_dir=str(tmp_path / "dagster"))
-        stack.append(cm)
-        instance = cm.__enter__()
-        driver = SensorDriver(defs, instance, log_level="WARNING")
-        return AepPipeline(tmp_path, defs, instance, driver, aep_server)
+    def make(storage: str = DLZ) -> Pipeline:
+        return pipeline_factory(FEED, feeds_text=FEEDS % {"storage": storage}, register_secrets=True)
 
-    yield make
-    for cm in stack:
-        cm.__exit__(None, None, None)
+    return make
 
 
-def _accounting_passed(pipeline: AepPipeline) -> bool:
-    key = dg.AssetCheckKey(KEY("failure_report"), ACCOUNTING_CHECK)
-    check = pipeline.instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
-    return check.status.value == "SUCCEEDED"
+def _audiences(pipeline: Pipeline) -> list[dict]:
+    return pipeline.control("aep", "audiences")["audiences"]
 
 
 def _changed_demo() -> tuple[str, int]:
@@ -162,18 +93,18 @@ def test_first_push_creates_the_audience_and_second_push_runs_ingestion(aep_fact
     runs = pipeline.ingest()
     assert len(runs) == 1 and runs[0].is_success
     first = runs[0].tags["dagster/partition"]
-    handle = latest_metadata(pipeline.instance, KEY("import_job"), first)["job_handle"]
+    handle = pipeline.metadata("import_job", first)["job_handle"]
     assert handle["extra"]["kind"] == "operation"
     assert handle["extra"]["source_path"] == "dlz-user-container/hr/staff_aep.csv"
-    pipeline.reports()
+    pipeline.wait_for_reports()
 
-    report = pipeline.report(first)
+    report = pipeline.metadata("failure_report", first)
     assert (report["source_rows"], report["rejected_by_validation"]) == (200, 6)
     assert (report["imported"], report["failed_at_target"], report["ignored_by_target"]) == (194, 0, 0)
     assert report["vendor_status"] == "SUCCESS"
     assert "no row-level results" in report["notes"]
-    assert _accounting_passed(pipeline)
-    [audience] = pipeline.audiences()
+    assert pipeline.accounting_passed()
+    [audience] = _audiences(pipeline)
     assert audience["customAudienceId"] == "audience_pipeline.staff_aep"
     assert audience["operation"] == {"status": "SUCCESS", "rows": 194}
     types = {f["name"]: (f["type"], f.get("identityNs")) for f in audience["fields"]}
@@ -185,51 +116,50 @@ def test_first_push_creates_the_audience_and_second_push_runs_ingestion(aep_fact
     runs = pipeline.ingest()
     assert len(runs) == 1 and runs[0].is_success
     second = runs[0].tags["dagster/partition"]
-    handle = latest_metadata(pipeline.instance, KEY("import_job"), second)["job_handle"]
+    handle = pipeline.metadata("import_job", second)["job_handle"]
     assert handle["extra"]["kind"] == "run" and handle["extra"]["audience_id"] == audience["audienceId"]
-    pipeline.reports()
+    pipeline.wait_for_reports()
 
-    report = pipeline.report(second)
+    report = pipeline.metadata("failure_report", second)
     rejected = report["rejected_by_validation"]
     assert report["source_rows"] == 200 - removed
     assert report["imported"] == 200 - removed - rejected and report["failed_at_target"] == 0
-    assert _accounting_passed(pipeline)
-    [audience] = pipeline.audiences()
+    assert pipeline.accounting_passed()
+    [audience] = _audiences(pipeline)
     assert [r["status"] for r in audience["runs"]] == ["SUCCESS"]
     assert audience["runs"][0]["rows"] == report["imported"]
 
     settings = pipeline.sandbox.settings
     vendor = pipeline.sandbox.app.vendors["aep"]
     leaked = [settings.aep_client_id, settings.aep_client_secret, vendor._sig, *vendor._tokens]
-    text = _event_text(pipeline.instance)
-    for secret in leaked:
-        assert secret not in text and secret not in caplog.text
-        assert not [p for p in pipeline.root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    texts = {"events": event_text(pipeline.instance), "logs": caplog.text}
+    assert_not_leaked(leaked, texts=texts, root=pipeline.root)
 
 
 def test_a_failed_run_fails_every_submitted_row_with_the_stage(aep_factory) -> None:
     pipeline = aep_factory()
-    pipeline.control("fail-next", {"stage": "DATASET_INGEST", "message": "Schema mismatch in batch"})
+    pipeline.control("aep", "fail-next", {"stage": "DATASET_INGEST", "message": "Schema mismatch in batch"})
     pipeline.drop("employees.csv", DEMO_CSV.read_text("utf-8"))
     [run] = pipeline.ingest()
-    pipeline.reports()
+    pipeline.wait_for_reports()
 
-    report = pipeline.report(run.tags["dagster/partition"])
+    report = pipeline.metadata("failure_report", run.tags["dagster/partition"])
     assert report["vendor_status"] == "FAILED"
     assert (report["imported"], report["failed_at_target"], report["rejected_by_validation"]) == (0, 194, 6)
-    assert _accounting_passed(pipeline)
-    with open(report["report_path"], newline="", encoding="utf-8") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["stage"] == "target"]
+    assert pipeline.accounting_passed()
+    rows = [r for r in pipeline.report_rows(run.tags["dagster/partition"]) if r["stage"] == "target"]
     assert len(rows) == 194
     assert "DATASET_INGEST" in rows[0]["reason"] and "Schema mismatch in batch" in rows[0]["reason"]
-    assert pipeline.audiences() == []  # a failed creation leaves no audience: the next push creates it
+    assert _audiences(pipeline) == []  # a failed creation leaves no audience: the next push creates it
 
     changed, _ = _changed_demo()
-    pipeline.control("fail-next", {"stage": "PROFILE_STORE_INGEST", "message": "Profile store unavailable"})
+    pipeline.control(
+        "aep", "fail-next", {"stage": "PROFILE_STORE_INGEST", "message": "Profile store unavailable"}
+    )
     pipeline.drop("employees.csv", changed)
     pipeline.ingest()
-    [pipeline_run] = pipeline.reports()
-    report = pipeline.report(pipeline_run.tags["dagster/partition"])
+    [pipeline_run] = pipeline.wait_for_reports()
+    report = pipeline.metadata("failure_report", pipeline_run.tags["dagster/partition"])
     assert report["imported"] == 0 and report["failed_at_target"] > 0
     assert "PROFILE_STORE_INGEST" in report["preview"]
 
@@ -238,7 +168,7 @@ def test_a_run_in_progress_makes_the_next_push_wait(aep_factory) -> None:
     pipeline = aep_factory()
     pipeline.drop("employees.csv", DEMO_CSV.read_text("utf-8"))
     pipeline.ingest()
-    pipeline.reports()
+    pipeline.wait_for_reports()
 
     changed, _ = _changed_demo()
     pipeline.drop("employees.csv", changed)
@@ -248,11 +178,13 @@ def test_a_run_in_progress_makes_the_next_push_wait(aep_factory) -> None:
 
     assert len(runs) == 2 and all(r.is_success for r in runs)
     assert pipeline.sandbox.app.faults.pending() == []
-    pipeline.reports(expected=2)
-    [audience] = pipeline.audiences()
+    pipeline.wait_for_reports(expected=2)
+    [audience] = _audiences(pipeline)
     assert [r["status"] for r in audience["runs"]] == ["SUCCESS", "SUCCESS"]
     for run in runs:
-        assert pipeline.report(run.tags["dagster/partition"])["vendor_status"] == "SUCCESS"
+        assert (
+            pipeline.metadata("failure_report", run.tags["dagster/partition"])["vendor_status"] == "SUCCESS"
+        )
 
 
 def test_s3_storage_through_a_base_connection(aep_factory, s3: S3Server) -> None:
@@ -263,6 +195,7 @@ def test_s3_storage_through_a_base_connection(aep_factory, s3: S3Server) -> None
     )
     pipeline = aep_factory(storage)
     pipeline.control(
+        "aep",
         "connections",
         {
             "id": "conn-s3-1",
@@ -274,12 +207,12 @@ def test_s3_storage_through_a_base_connection(aep_factory, s3: S3Server) -> None
     pipeline.drop("employees.csv", DEMO_CSV.read_text("utf-8"))
     [run] = pipeline.ingest()
     assert run.is_success
-    pipeline.reports()
+    pipeline.wait_for_reports()
 
     body = s3.client().get_object(Bucket="hr-audiences", Key="aep/exports/staff_aep.csv")["Body"].read()
     assert body.decode().splitlines()[0].startswith("unique_id,email,mobile_phone")
-    assert pipeline.report(run.tags["dagster/partition"])["imported"] == 194
-    [audience] = pipeline.audiences()
+    assert pipeline.metadata("failure_report", run.tags["dagster/partition"])["imported"] == 194
+    [audience] = _audiences(pipeline)
     assert audience["sourceSpec"]["params"] == {
         "path": "hr-audiences/aep/exports/staff_aep.csv",
         "type": "file",
@@ -287,14 +220,4 @@ def test_s3_storage_through_a_base_connection(aep_factory, s3: S3Server) -> None
         "cloudType": "S3",
         "baseConnectionId": "conn-s3-1",
     }
-    assert s3.secret_access_key not in _event_text(pipeline.instance)
-
-
-def _event_text(instance: dg.DagsterInstance) -> str:
-    chunks = []
-    for run in instance.get_runs():
-        for entry in instance.all_logs(run.run_id):
-            chunks.append(entry.user_message or "")
-            if entry.dagster_event is not None:
-                chunks.append(repr(entry.dagster_event))
-    return "\n".join(chunks)
+    assert s3.secret_access_key not in event_text(pipeline.instance)

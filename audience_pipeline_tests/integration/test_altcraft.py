@@ -7,24 +7,16 @@ envelope, exact row accounting in every case, and the token kept out of logs, ev
 
 from __future__ import annotations
 
-import csv
 import logging
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 
 import dagster as dg
-import httpx
 import pytest
 
-from audience_pipeline.assets import ACCOUNTING_CHECK, latest_metadata
-from audience_pipeline.definitions import build_definitions
 from audience_pipeline.destinations.altcraft import MAX_REQUEST_BYTES
-from audience_pipeline.feeds.loader import load_feeds
-from audience_pipeline.runner import SensorDriver
-from audience_pipeline.sandbox import SandboxServer, SandboxSettings
-from audience_pipeline_tests.integration.conftest import DEMO_CSV
+from audience_pipeline.sandbox import SandboxSettings
+from audience_pipeline_tests.integration.conftest import DEMO_CSV, Pipeline, PipelineFactory
+from audience_pipeline_tests.integration.leaks import assert_not_leaked, event_text
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +29,7 @@ FEEDS_YAML = """
 sources:
   drop:
     type: folder
-    path: {incoming}
+    path: incoming
 destinations:
   ac:
     type: altcraft
@@ -65,96 +57,25 @@ feeds:
 {options}"""
 
 
-@pytest.fixture(scope="module")
-def altcraft_server() -> Iterator[SandboxServer]:
-    with SandboxServer(SandboxSettings(pace_seconds=0.05, altcraft_token=TOKEN)) as server:
-        yield server
-
-
-@dataclass
-class AltcraftPipeline:
-    root: Path
-    defs: dg.Definitions
-    instance: dg.DagsterInstance
-    driver: SensorDriver
-    sandbox: SandboxServer
-
-    def drop(self, name: str, content: str | Path) -> None:
-        text = content.read_text("utf-8") if isinstance(content, Path) else content
-        (self.root / "incoming" / name).write_text(text, "utf-8")
-
-    def ingest(self) -> list[dg.DagsterRun]:
-        """Tick the new-file sensor until it starts runs (a file may need two sightings to settle)."""
-        for _ in range(3):
-            runs = self.driver.tick(f"{FEED}__new_files")
-            if runs:
-                return runs
-        return []
-
-    def wait_for_reports(self, expected: int = 1, timeout: float = 30.0) -> list[dg.DagsterRun]:
-        runs: list[dg.DagsterRun] = []
-        deadline = time.monotonic() + timeout
-        while len(runs) < expected and time.monotonic() < deadline:
-            runs += self.driver.tick(f"{FEED}__import_status")
-            time.sleep(0.05)
-        assert len(runs) == expected, f"expected {expected} report runs, got {len(runs)}"
-        return runs
-
-    def metadata(self, asset: str, partition: str | None = None) -> dict:
-        partition = partition or self.instance.get_dynamic_partitions(f"{FEED}__files")[-1]
-        found = latest_metadata(self.instance, dg.AssetKey([FEED, asset]), partition)
-        assert found is not None, f"{asset} was not materialized for {partition}"
-        return found
-
-    def report_rows(self) -> list[dict[str, str]]:
-        with open(self.metadata("failure_report")["report_path"], newline="", encoding="utf-8") as fh:
-            return list(csv.DictReader(fh))
-
-    def accounting_passed(self) -> bool:
-        key = dg.AssetCheckKey(dg.AssetKey([FEED, "failure_report"]), ACCOUNTING_CHECK)
-        check = self.instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
-        return check.status.value == "SUCCEEDED"
-
-    def tasks_in_submission_order(self) -> list[dict]:
-        """The sandbox's view of each task, in the handle's row order (batches race each other)."""
-        by_id = {t["task_id"]: t for t in self.control("GET", "/tasks")["tasks"]}
-        return [by_id[j["job_id"]] for j in self.metadata("import_job")["job_handle"]["jobs"]]
-
-    def control(self, method: str, path: str, **kw) -> dict:
-        response = httpx.request(method, f"{self.sandbox.url}/_sandbox/altcraft{path}", timeout=5, **kw)
-        response.raise_for_status()
-        return response.json()
+@pytest.fixture
+def sandbox_settings() -> SandboxSettings:
+    return SandboxSettings(pace_seconds=0.05, altcraft_token=TOKEN)
 
 
 @pytest.fixture
-def make_pipeline(tmp_path: Path, altcraft_server: SandboxServer, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("ALTCRAFT_BASE_URL", altcraft_server.vendor_url("altcraft"))
-    monkeypatch.setenv("ALTCRAFT_TOKEN", TOKEN)
-    altcraft_server.reset()
-    stack: list = []
-
-    def make(*, notes: bool = False, options: str = "") -> AltcraftPipeline:
-        (tmp_path / "incoming").mkdir(exist_ok=True)
+def make_pipeline(pipeline_factory: PipelineFactory) -> Callable[..., Pipeline]:
+    def make(*, notes: bool = False, options: str = "") -> Pipeline:
         extra = "".join(f"        {n}: {n.title()}\n" for n in NOTES) if notes else ""
-        text = FEEDS_YAML.format(
-            incoming=tmp_path / "incoming",
-            feed=FEED,
-            notes=extra,
-            options=options or "      skip_triggers: false\n",
-        )
-        (tmp_path / "feeds.yaml").write_text(text, "utf-8")
-        defs = build_definitions(load_feeds(tmp_path / "feeds.yaml"), tmp_path / "home")
-        (tmp_path / "dagster").mkdir(exist_ok=True)
-        cm = dg.instance_for_test(temp_dir=str(tmp_path / "dagster"))
-        stack.append(cm)
-        instance = cm.__enter__()
-        return AltcraftPipeline(
-            tmp_path, defs, instance, SensorDriver(defs, instance, log_level="WARNING"), altcraft_server
-        )
+        text = FEEDS_YAML.format(feed=FEED, notes=extra, options=options or "      skip_triggers: false\n")
+        return pipeline_factory(FEED, feeds_text=text, report_timeout=30.0)
 
-    yield make
-    for cm in stack:
-        cm.__exit__(None, None, None)
+    return make
+
+
+def tasks_in_submission_order(pipeline: Pipeline) -> list[dict]:
+    """The sandbox's view of each task, in the handle's row order (batches race each other)."""
+    by_id = {t["task_id"]: t for t in pipeline.control("altcraft", "/tasks")["tasks"]}
+    return [by_id[j["job_id"]] for j in pipeline.metadata("import_job")["job_handle"]["jobs"]]
 
 
 def employees(n: int, *, department: str = "Sales", notes: bool = False) -> str:
@@ -170,16 +91,6 @@ def employees(n: int, *, department: str = "Sales", notes: bool = False) -> str:
             row += "," + ",".join(f"{i:06d}{n}".ljust(250, "x") for n in NOTES)
         lines.append(row)
     return "\n".join(lines) + "\n"
-
-
-def _event_text(instance: dg.DagsterInstance) -> str:
-    chunks = []
-    for run in instance.get_runs():
-        for entry in instance.all_logs(run.run_id):
-            chunks.append(entry.user_message or "")
-            if entry.dagster_event is not None:
-                chunks.append(repr(entry.dagster_event))
-    return "\n".join(chunks)
 
 
 def test_partial_failure_is_reported_and_the_token_stays_secret(make_pipeline, caplog, capfd) -> None:
@@ -206,21 +117,20 @@ def test_partial_failure_is_reported_and_the_token_stays_secret(make_pipeline, c
         ("163", "E01161", "Email domain 'acme-corp.invalid' does not accept mail"),
         ("180", "E01178", "Email domain 'acme-corp.invalid' does not accept mail"),
     ]
-    [task] = pipeline.control("GET", "/tasks")["tasks"]
+    [task] = pipeline.control("altcraft", "/tasks")["tasks"]
     assert (task["profiles"], task["triggered"], task["matching"], task["field_name"]) == (
         194,
         192,
         "custom",
         "EMPLOYEE_ID",
     )
-    profiles = pipeline.control("GET", "/profiles")["profiles"]
+    profiles = pipeline.control("altcraft", "/profiles")["profiles"]
     assert len(profiles) == 192 and {"E01001", "E01002"} <= {p["EMPLOYEE_ID"] for p in profiles}
 
     out, err = capfd.readouterr()
     assert "altcraft" in caplog.text.lower()
-    for text in (caplog.text, out, err, _event_text(pipeline.instance)):
-        assert TOKEN not in text
-    assert not any(TOKEN.encode() in p.read_bytes() for p in pipeline.root.rglob("*") if p.is_file())
+    texts = {"logs": caplog.text, "stdout": out, "stderr": err, "events": event_text(pipeline.instance)}
+    assert_not_leaked([TOKEN], texts=texts, root=pipeline.root)
 
 
 def test_clean_import_then_a_new_file_updates_the_same_profiles(make_pipeline) -> None:
@@ -239,9 +149,9 @@ def test_clean_import_then_a_new_file_updates_the_same_profiles(make_pipeline) -
     second = pipeline.metadata("failure_report")
     assert second["vendor_counts"] == {"created": 0, "updated": 50, "processed": 50, "failed": 0}
     assert pipeline.accounting_passed()
-    profiles = pipeline.control("GET", "/profiles")["profiles"]
+    profiles = pipeline.control("altcraft", "/profiles")["profiles"]
     assert len(profiles) == 50 and {p["department"] for p in profiles} == {"Support"}
-    assert [t["triggered"] for t in pipeline.control("GET", "/tasks")["tasks"]] == [0, 0]
+    assert [t["triggered"] for t in pipeline.control("altcraft", "/tasks")["tasks"]] == [0, 0]
 
 
 def test_more_than_10000_rows_become_two_tasks(make_pipeline) -> None:
@@ -253,7 +163,7 @@ def test_more_than_10000_rows_become_two_tasks(make_pipeline) -> None:
 
     handle = pipeline.metadata("import_job")["job_handle"]
     assert [(j["first_row"], j["row_count"]) for j in handle["jobs"]] == [(0, 10_000), (10_000, 50)]
-    tasks = pipeline.tasks_in_submission_order()
+    tasks = tasks_in_submission_order(pipeline)
     assert [t["profiles"] for t in tasks] == [10_000, 50]
     report = pipeline.metadata("failure_report")
     assert (report["source_rows"], report["imported"], report["failed_at_target"]) == (10_050, 10_050, 0)
@@ -268,8 +178,8 @@ def test_rows_over_10_mb_are_split_by_measured_size(make_pipeline) -> None:
     assert pipeline.ingest()[0].is_success
     pipeline.wait_for_reports()
 
-    tasks = pipeline.tasks_in_submission_order()
-    assert len(pipeline.control("GET", "/tasks")["tasks"]) == 2
+    tasks = tasks_in_submission_order(pipeline)
+    assert len(pipeline.control("altcraft", "/tasks")["tasks"]) == 2
     assert len(tasks) == 2 and sum(t["profiles"] for t in tasks) == 7_000
     assert all(t["profiles"] < 10_000 for t in tasks)  # the byte limit cut them, not the count
     assert all(t["body_bytes"] <= MAX_REQUEST_BYTES for t in tasks)
@@ -279,13 +189,15 @@ def test_rows_over_10_mb_are_split_by_measured_size(make_pipeline) -> None:
     report = pipeline.metadata("failure_report")
     assert (report["imported"], report["failed_at_target"]) == (7_000, 0)
     assert pipeline.accounting_passed()
-    [profile] = [p for p in pipeline.control("GET", "/profiles")["profiles"] if p["EMPLOYEE_ID"] == "E000007"]
+    [profile] = [
+        p for p in pipeline.control("altcraft", "/profiles")["profiles"] if p["EMPLOYEE_ID"] == "E000007"
+    ]
     assert profile["note6"] == "000007note6".ljust(250, "x")
 
 
 def test_task_that_ends_in_error_fails_its_rows(make_pipeline) -> None:
     pipeline = make_pipeline()
-    pipeline.control("POST", "/fail-tasks", json={"times": 1, "error_text": "Database is read-only"})
+    pipeline.control("altcraft", "/fail-tasks", {"times": 1, "error_text": "Database is read-only"})
     pipeline.drop("staff.csv", employees(20))
     pipeline.ingest()
 
@@ -303,7 +215,7 @@ def test_task_that_ends_in_error_fails_its_rows(make_pipeline) -> None:
 
 def test_error_envelope_is_a_reported_failure_not_a_success(make_pipeline) -> None:
     pipeline = make_pipeline()
-    pipeline.control("POST", "/triggers/13", json={"active": False})
+    pipeline.control("altcraft", "/triggers/13", {"active": False})
     pipeline.drop("staff.csv", employees(5))
 
     assert pipeline.ingest()[0].is_success
@@ -317,7 +229,7 @@ def test_error_envelope_is_a_reported_failure_not_a_success(make_pipeline) -> No
     assert reasons == {
         "Altcraft refused the request: Trigger campaign 13 not found or not active (error 404)"
     }
-    assert pipeline.control("GET", "/tasks")["tasks"] == []
+    assert pipeline.control("altcraft", "/tasks")["tasks"] == []
 
 
 def test_wrong_token_fails_the_run_without_echoing_it(make_pipeline, monkeypatch, caplog) -> None:
@@ -330,7 +242,6 @@ def test_wrong_token_fails_the_run_without_echoing_it(make_pipeline, monkeypatch
     runs = pipeline.ingest()
 
     assert runs[0].status == dg.DagsterRunStatus.FAILURE
-    text = _event_text(pipeline.instance)
+    text = event_text(pipeline.instance)
     assert "401" in text and "Invalid API token" in text
-    assert wrong not in text and wrong not in caplog.text
-    assert not any(wrong.encode() in p.read_bytes() for p in pipeline.root.rglob("*") if p.is_file())
+    assert_not_leaked([wrong], texts={"events": text, "logs": caplog.text}, root=pipeline.root)

@@ -3,24 +3,15 @@ sandbox over real HTTP (token, import requests, presigned uploads, 429s, expiry,
 
 from __future__ import annotations
 
-import csv
 import logging
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 
-import dagster as dg
-import httpx
 import pytest
 
-from audience_pipeline.assets import ACCOUNTING_CHECK, latest_metadata
-from audience_pipeline.definitions import build_definitions
-from audience_pipeline.feeds.loader import load_feeds, register_feed_secrets
-from audience_pipeline.runner import SensorDriver
-from audience_pipeline.sandbox import SandboxServer, SandboxSettings
+from audience_pipeline.sandbox import SandboxSettings
 from audience_pipeline.sandbox.apsis import SECTION
-from audience_pipeline_tests.integration.conftest import DEMO_CSV
+from audience_pipeline_tests.integration.conftest import DEMO_CSV, Pipeline, PipelineFactory
+from audience_pipeline_tests.integration.leaks import assert_not_leaked, event_text
 from benchmarks.generate_employees import generate
 
 pytestmark = pytest.mark.integration
@@ -29,11 +20,10 @@ FEED = "staff_apsis"
 CLIENT_ID = "itest-apsis-client-61c0d2"
 CLIENT_SECRET = "itest-apsis-secret-f47b93a1e8"
 UPLOAD_TTL = 2.0
-KEY = lambda *parts: dg.AssetKey([FEED, *parts])  # noqa: E731
 
 FEEDS_YAML = """
 sources:
-  drop: {{type: folder, path: {incoming}, stable_after_seconds: 0}}
+  drop: {{type: folder, path: incoming, stable_after_seconds: 0}}
 destinations:
   apsis:
     type: apsis_one
@@ -63,134 +53,61 @@ feeds:
 {extra_options}"""
 
 
-@pytest.fixture(scope="module")
-def apsis_server() -> Iterator[SandboxServer]:
-    settings = SandboxSettings(
+@pytest.fixture
+def sandbox_settings() -> SandboxSettings:
+    return SandboxSettings(
         pace_seconds=0.05,
         apsis_client_id=CLIENT_ID,
         apsis_client_secret=CLIENT_SECRET,
         apsis_upload_url_ttl_seconds=UPLOAD_TTL,
     )
-    with SandboxServer(settings) as server:
-        yield server
-
-
-@dataclass
-class ApsisPipeline:
-    root: Path
-    defs: dg.Definitions
-    instance: dg.DagsterInstance
-    driver: SensorDriver
-    sandbox: SandboxServer
-
-    def drop(self, name: str, content: bytes | str) -> None:
-        data = content.encode("utf-8") if isinstance(content, str) else content
-        (self.root / "incoming" / name).write_bytes(data)
-
-    def ingest(self) -> list[dg.DagsterRun]:
-        return self.driver.tick(f"{FEED}__new_files")
-
-    def wait_for_reports(self, expected: int = 1, timeout: float = 30.0) -> list[dg.DagsterRun]:
-        runs: list[dg.DagsterRun] = []
-        deadline = time.monotonic() + timeout
-        while len(runs) < expected and time.monotonic() < deadline:
-            runs += self.driver.tick(f"{FEED}__import_status")
-            time.sleep(0.05)
-        assert len(runs) == expected, f"expected {expected} report runs, got {len(runs)}"
-        return runs
-
-    def vendor_state(self) -> dict:
-        return httpx.get(f"{self.sandbox.url}/_sandbox/apsis/imports", timeout=10).json()
-
-    def partition(self, index: int = -1) -> str:
-        return self.instance.get_dynamic_partitions(f"{FEED}__files")[index]
-
-    def meta(self, asset: str, partition: str) -> dict:
-        return latest_metadata(self.instance, KEY(asset), partition) or {}
-
-    def check(self, asset: str, name: str):
-        key = dg.AssetCheckKey(KEY(asset), name)
-        return self.instance.event_log_storage.get_latest_asset_check_execution_by_key([key]).get(key)
 
 
 @pytest.fixture
-def apsis_pipeline(tmp_path: Path, apsis_server: SandboxServer, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("APSIS_BASE_URL", apsis_server.vendor_url("apsis"))
-    monkeypatch.setenv("APSIS_CLIENT_ID", CLIENT_ID)
-    monkeypatch.setenv("APSIS_CLIENT_SECRET", CLIENT_SECRET)
-    apsis_server.reset()
-    stack: list = []
-
-    def make(extra_options: str = "", extra_mapping: str = "", extra_attributes: str = "") -> ApsisPipeline:
-        (tmp_path / "incoming").mkdir(exist_ok=True)
-        feeds_file = tmp_path / "feeds.yaml"
-        feeds_file.write_text(
-            FEEDS_YAML.format(
-                incoming=tmp_path / "incoming",
-                feed=FEED,
-                section=SECTION,
-                extra_options=extra_options,
-                extra_mapping=extra_mapping,
-                extra_attributes=extra_attributes,
-            ),
-            "utf-8",
+def apsis_pipeline(pipeline_factory: PipelineFactory) -> Callable[..., Pipeline]:
+    def make(extra_options: str = "", extra_mapping: str = "", extra_attributes: str = "") -> Pipeline:
+        text = FEEDS_YAML.format(
+            feed=FEED,
+            section=SECTION,
+            extra_options=extra_options,
+            extra_mapping=extra_mapping,
+            extra_attributes=extra_attributes,
         )
-        feeds = load_feeds(feeds_file)
-        register_feed_secrets(feeds)
-        defs = build_definitions(feeds, tmp_path / "home")
-        cm = dg.instance_for_test(temp_dir=str(tmp_path))
-        instance = cm.__enter__()
-        stack.append(cm)
-        return ApsisPipeline(
-            tmp_path, defs, instance, SensorDriver(defs, instance, log_level="WARNING"), apsis_server
-        )
+        return pipeline_factory(FEED, feeds_text=text, register_secrets=True, report_timeout=30.0)
 
-    yield make
-    for cm in stack:
-        cm.__exit__(None, None, None)
+    return make
 
 
-def _report_rows(path: str) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _all_event_text(instance: dg.DagsterInstance) -> str:
-    chunks = []
-    for run in instance.get_runs():
-        for entry in instance.all_logs(run.run_id):
-            chunks.append(entry.user_message or "")
-            if entry.dagster_event is not None:
-                chunks.append(repr(entry.dagster_event))
-    return "\n".join(chunks)
+def _vendor_state(pipeline: Pipeline) -> dict:
+    return pipeline.control("apsis", "imports")
 
 
 def test_first_push_then_a_changed_file_updates_the_profiles(apsis_pipeline) -> None:
-    pipeline: ApsisPipeline = apsis_pipeline()
+    pipeline = apsis_pipeline()
     pipeline.drop("employees.csv", DEMO_CSV.read_bytes())
 
     runs = pipeline.ingest()
     assert len(runs) == 1 and runs[0].is_success
     reports = pipeline.wait_for_reports()
 
-    partition = pipeline.partition()
-    handle = pipeline.meta("import_job", partition)["job_handle"]
+    partition = pipeline.partitions()[-1]
+    handle = pipeline.metadata("import_job", partition)["job_handle"]
     assert (
         reports[0].is_success
         and reports[0].tags["dagster/run_key"] == f"{handle['jobs'][0]['job_id']}:completed"
     )
-    report = pipeline.meta("failure_report", partition)
+    report = pipeline.metadata("failure_report", partition)
     assert (report["source_rows"], report["rejected_by_validation"]) == (200, 6)
     assert (report["imported"], report["failed_at_target"], report["ignored_by_target"]) == (192, 2, 0)
     assert report["vendor_counts"]["processed"] == 192 and report["vendor_counts"]["created"] == 192
-    assert pipeline.check("failure_report", ACCOUNTING_CHECK).status.value == "SUCCEEDED"
-    target = [r for r in _report_rows(report["report_path"]) if r["stage"] == "target"]
+    assert pipeline.accounting_passed()
+    target = [r for r in pipeline.report_rows(partition) if r["stage"] == "target"]
     assert [(r["source_line"], r["unique_id"], r["outcome"]) for r in target] == [
         ("163", "E01161", "failed"),
         ("180", "E01178", "failed"),
     ]
     assert target[0]["reason"] == "email: Email domain 'acme-corp.invalid' does not accept mail"
-    (vendor_import,) = pipeline.vendor_state()["imports"]
+    (vendor_import,) = _vendor_state(pipeline)["imports"]
     request = vendor_import["request"]
     assert request["keyspace_mapping"] == {
         "keyspace_discriminator": "com.apsis1.keyspaces.crm",
@@ -213,36 +130,34 @@ def test_first_push_then_a_changed_file_updates_the_profiles(apsis_pipeline) -> 
     assert len(runs) == 1 and runs[0].is_success
     pipeline.wait_for_reports()
 
-    second = pipeline.meta("failure_report", runs[0].tags["dagster/partition"])
+    second = pipeline.metadata("failure_report", runs[0].tags["dagster/partition"])
     assert (second["imported"], second["failed_at_target"]) == (192, 2)
     assert second["vendor_counts"]["created"] == 0 and second["vendor_counts"]["updated"] == 192
-    assert len(pipeline.vendor_state()["imports"]) == 2
+    assert len(_vendor_state(pipeline)["imports"]) == 2
 
 
 def test_an_import_that_ends_in_error_fails_all_its_rows(apsis_pipeline) -> None:
-    pipeline: ApsisPipeline = apsis_pipeline()
-    httpx.post(
-        f"{pipeline.sandbox.url}/_sandbox/apsis/imports/fail-next",
-        json={"detail": "Import file could not be processed"},
-    )
+    pipeline = apsis_pipeline()
+    pipeline.control("apsis", "imports/fail-next", {"detail": "Import file could not be processed"})
     pipeline.drop("employees.csv", DEMO_CSV.read_bytes())
 
     pipeline.ingest()
     (run,) = pipeline.wait_for_reports()
 
     assert run.tags["dagster/run_key"].endswith(":error")
-    report = pipeline.meta("failure_report", pipeline.partition())
+    partition = pipeline.partitions()[-1]
+    report = pipeline.metadata("failure_report", partition)
     assert (report["imported"], report["failed_at_target"], report["rejected_by_validation"]) == (0, 194, 6)
     assert report["vendor_status"] == "error"
-    assert pipeline.check("failure_report", ACCOUNTING_CHECK).status.value == "SUCCEEDED"
-    reasons = {r["reason"] for r in _report_rows(report["report_path"]) if r["stage"] == "target"}
+    assert pipeline.accounting_passed()
+    reasons = {r["reason"] for r in pipeline.report_rows(partition) if r["stage"] == "target"}
     (reason,) = reasons
     assert "ended in error (Import file could not be processed)" in reason and "force: true" in reason
 
 
 def test_a_429_storm_and_the_three_pending_limit_lose_no_part(apsis_pipeline, caplog) -> None:
     caplog.set_level(logging.INFO, logger="audience_pipeline.apsis")
-    pipeline: ApsisPipeline = apsis_pipeline(extra_options="      max_file_bytes: 4000\n")
+    pipeline = apsis_pipeline(extra_options="      max_file_bytes: 4000\n")
     pipeline.sandbox.add_fault(
         vendor="apsis",
         kind="status",
@@ -261,8 +176,8 @@ def test_a_429_storm_and_the_three_pending_limit_lose_no_part(apsis_pipeline, ca
     waits = [r.getMessage() for r in caplog.records if "three imports pending" in r.getMessage()]
     assert sum("waiting 0.0 s" in w for w in waits) == 4  # the injected storm
     assert any("waiting 1.0 s" in w for w in waits)  # the sandbox's own limit, Retry-After: 1
-    partition = pipeline.partition()
-    handle = pipeline.meta("import_job", partition)["job_handle"]
+    partition = pipeline.partitions()[-1]
+    handle = pipeline.metadata("import_job", partition)["job_handle"]
     jobs = handle["jobs"]
     assert len(jobs) >= 5  # more parts than may be pending at once
     assert all(size <= 4000 for size in handle["extra"]["part_bytes"])
@@ -271,18 +186,18 @@ def test_a_429_storm_and_the_three_pending_limit_lose_no_part(apsis_pipeline, ca
         *(sum(j["row_count"] for j in jobs[:i]) for i in range(1, len(jobs))),
     ]
     assert sum(j["row_count"] for j in jobs) == handle["submitted_rows"] == 194
-    state = pipeline.vendor_state()
+    state = _vendor_state(pipeline)
     assert sorted(i["import_id"] for i in state["imports"]) == sorted(j["job_id"] for j in jobs)
     assert {i["status"] for i in state["imports"]} == {"completed"}
-    report = pipeline.meta("failure_report", partition)
+    report = pipeline.metadata("failure_report", partition)
     assert (report["imported"], report["failed_at_target"]) == (192, 2)
     assert report["vendor_counts"]["processed"] == 192
-    assert pipeline.check("failure_report", ACCOUNTING_CHECK).status.value == "SUCCEEDED"
+    assert pipeline.accounting_passed()
 
 
 def test_an_expired_upload_url_fails_its_part_and_never_leaks(apsis_pipeline, caplog) -> None:
     caplog.set_level(logging.DEBUG)
-    pipeline: ApsisPipeline = apsis_pipeline(extra_options="      max_file_bytes: 12000\n")
+    pipeline = apsis_pipeline(extra_options="      max_file_bytes: 12000\n")
     pipeline.sandbox.add_fault(
         vendor="apsis", kind="delay", delay_seconds=UPLOAD_TTL + 0.5, path_contains="/uploads/", times=1
     )
@@ -292,19 +207,19 @@ def test_an_expired_upload_url_fails_its_part_and_never_leaks(apsis_pipeline, ca
     assert runs[0].is_success
     (report_run,) = pipeline.wait_for_reports()
 
-    partition = pipeline.partition()
-    handle = pipeline.meta("import_job", partition)["job_handle"]
+    partition = pipeline.partitions()[-1]
+    handle = pipeline.metadata("import_job", partition)["job_handle"]
     first, *others = handle["jobs"]
     assert others and list(handle["extra"]["upload_errors"]) == [first["job_id"]]
     assert report_run.tags["dagster/run_key"].endswith(":completed+upload_failed")
-    report = pipeline.meta("failure_report", partition)
+    report = pipeline.metadata("failure_report", partition)
     assert report["failed_at_target"] >= first["row_count"]
     assert report["imported"] + report["failed_at_target"] == 194
-    assert pipeline.check("failure_report", ACCOUNTING_CHECK).status.value == "SUCCEEDED"
-    rows = [r for r in _report_rows(report["report_path"]) if "never received its file" in r["reason"]]
+    assert pipeline.accounting_passed()
+    rows = [r for r in pipeline.report_rows(partition) if "never received its file" in r["reason"]]
     assert len(rows) == first["row_count"]
     assert "403" in rows[0]["reason"] and "expired" in rows[0]["reason"]
-    state = pipeline.vendor_state()
+    state = _vendor_state(pipeline)
     expired = next(i for i in state["imports"] if i["import_id"] == first["job_id"])
     assert expired["status"] == "waiting_for_file"
 
@@ -312,16 +227,12 @@ def test_an_expired_upload_url_fails_its_part_and_never_leaks(apsis_pipeline, ca
     for item in state["imports"]:
         secrets += [item["file_upload_url"], item["file_upload_url"].split("signature=")[1]]
         secrets += [item["file_upload_body"]["policy"], item["file_upload_body"]["x-apsis-signature"]]
-    text = _all_event_text(pipeline.instance)
-    stored = [p.read_bytes() for p in pipeline.root.rglob("*") if p.is_file() and p.suffix != ".db"]
-    for secret in secrets:
-        assert secret not in text
-        assert secret not in caplog.text
-        assert not any(secret.encode() in blob for blob in stored)
+    texts = {"events": event_text(pipeline.instance), "logs": caplog.text}
+    assert_not_leaked(secrets, texts=texts, root=pipeline.root)
 
 
 def test_a_120_mb_file_is_split_and_every_row_is_accounted_for(apsis_pipeline) -> None:
-    pipeline: ApsisPipeline = apsis_pipeline(
+    pipeline = apsis_pipeline(
         extra_mapping="        job_title: Job Title\n", extra_attributes=", job_title: Job title"
     )
     generated = generate(pipeline.root / "incoming" / "big.csv", 1_110_000, bad_fraction=0.001, seed=11)
@@ -331,13 +242,13 @@ def test_a_120_mb_file_is_split_and_every_row_is_accounted_for(apsis_pipeline) -
     assert runs[0].is_success
     pipeline.wait_for_reports(timeout=120)
 
-    partition = pipeline.partition()
-    handle = pipeline.meta("import_job", partition)["job_handle"]
+    partition = pipeline.partitions()[-1]
+    handle = pipeline.metadata("import_job", partition)["job_handle"]
     parts = handle["extra"]["part_bytes"]
     assert len(parts) == len(handle["jobs"]) == 3 and all(size <= 50_000_000 for size in parts)
     assert sum(parts) > 100_000_000
     assert sum(j["row_count"] for j in handle["jobs"]) == handle["submitted_rows"]
-    report = pipeline.meta("failure_report", partition)
+    report = pipeline.metadata("failure_report", partition)
     assert report["source_rows"] == generated.rows
     assert report["rejected_by_validation"] == generated.bad_total
     assert (
@@ -345,4 +256,4 @@ def test_a_120_mb_file_is_split_and_every_row_is_accounted_for(apsis_pipeline) -
     )
     assert report["vendor_counts"]["processed"] == report["imported"]
     assert report["vendor_counts"]["total"] == handle["submitted_rows"]
-    assert pipeline.check("failure_report", ACCOUNTING_CHECK).status.value == "SUCCEEDED"
+    assert pipeline.accounting_passed()

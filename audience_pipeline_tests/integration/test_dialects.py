@@ -11,13 +11,10 @@ import zipfile
 import dagster as dg
 import pytest
 
-from audience_pipeline.assets import latest_metadata
 from audience_pipeline_tests.integration.conftest import DEMO_CSV, FEED, Pipeline
 from audience_pipeline_tests.integration.test_pipeline import EXPECTED_REPORT
 
 pytestmark = pytest.mark.integration
-
-KEY = lambda *parts: dg.AssetKey([FEED, *parts])  # noqa: E731
 
 
 def _xlsx() -> bytes:
@@ -35,15 +32,6 @@ def _excel_windows_csv() -> bytes:
     out = io.StringIO()
     csv.writer(out, delimiter=";", lineterminator="\r\n").writerows(csv.reader(io.StringIO(text, newline="")))
     return out.getvalue().encode("cp1252")
-
-
-def _step_failure(pipeline: Pipeline, run: dg.DagsterRun) -> tuple[str, str]:
-    records = pipeline.instance.get_records_for_run(
-        run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE
-    ).records
-    assert len(records) == 1
-    event = records[0].event_log_entry.dagster_event
-    return event.step_key, event.event_specific_data.error.message
 
 
 @pytest.mark.parametrize(
@@ -69,12 +57,12 @@ def test_refused_file_fails_validation_and_leaves_the_last_import_alone(
     assert len(runs) == 1 and runs[0].status == dg.DagsterRunStatus.FAILURE
     partition = runs[0].tags["dagster/partition"]
     assert partition.startswith("employees_2026-11-08.csv@")
-    step, message = _step_failure(pipeline, runs[0])
+    [(step, message)] = pipeline.step_failures(runs[0])
     assert step == f"{FEED}__validate"
     assert "employees_2026-11-08.csv: " in message and reason in message
-    assert latest_metadata(pipeline.instance, KEY("hr_file"), partition) is not None
-    assert latest_metadata(pipeline.instance, KEY("validated_rows"), partition) is None
-    assert latest_metadata(pipeline.instance, KEY("import_job"), partition) is None
+    assert pipeline.find_metadata("hr_file", partition) is not None
+    assert pipeline.find_metadata("validated_rows", partition) is None
+    assert pipeline.find_metadata("import_job", partition) is None
     assert pipeline.imports() == imports_before
     assert pipeline.wait_for_reports(expected=0, timeout=0.3) == []
 
@@ -86,15 +74,14 @@ def test_windows_excel_export_flows_like_the_utf8_one(pipeline: Pipeline) -> Non
 
     assert len(runs) == 1 and runs[0].is_success
     partition = runs[0].tags["dagster/partition"]
-    validation = latest_metadata(pipeline.instance, KEY("validated_rows"), partition)
+    validation = pipeline.metadata("validated_rows", partition)
     assert validation["encoding"] == "windows-1252"
     assert validation["delimiter"] == "';'"
     assert (validation["source_rows"], validation["rejected_rows"]) == (200, 6)
     pipeline.wait_for_reports()
-    report = latest_metadata(pipeline.instance, KEY("failure_report"), partition)
+    report = pipeline.metadata("failure_report", partition)
     assert (report["imported"], report["failed_at_target"]) == (192, 2)
-    with open(report["report_path"], newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = pipeline.report_rows(partition)
     assert [(r["source_line"], r["unique_id"], r["stage"], r["outcome"], r["column"]) for r in rows] == (
         EXPECTED_REPORT
     )

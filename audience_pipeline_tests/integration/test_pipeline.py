@@ -3,19 +3,16 @@ sensor, the failure report and its accounting, against the sandbox over real HTT
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 
 import dagster as dg
 import pytest
 
-from audience_pipeline.assets import ACCOUNTING_CHECK, REJECTION_CHECK, latest_metadata
-from audience_pipeline_tests.integration.conftest import DEMO_CSV, FEED, Pipeline
+from audience_pipeline.assets import REJECTION_CHECK
+from audience_pipeline_tests.integration.conftest import DEMO_CSV, FEED, Pipeline, PipelineFactory, demo_feeds
 
 pytestmark = pytest.mark.integration
-
-KEY = lambda *parts: dg.AssetKey([FEED, *parts])  # noqa: E731
 
 EXPECTED_REPORT = [
     ("43", "E01041", "validation", "rejected", "Mobile Phone"),
@@ -29,34 +26,29 @@ EXPECTED_REPORT = [
 ]
 
 
-def _check(instance: dg.DagsterInstance, asset: str, name: str):
-    key = dg.AssetCheckKey(KEY(asset), name)
-    return instance.event_log_storage.get_latest_asset_check_execution_by_key([key]).get(key)
-
-
 def test_new_file_flows_to_failure_report(pipeline: Pipeline) -> None:
     pipeline.drop("employees_2026-11-01.csv", DEMO_CSV)
 
     runs = pipeline.ingest()
 
     assert len(runs) == 1 and runs[0].is_success
-    partitions = pipeline.instance.get_dynamic_partitions(f"{FEED}__files")
+    partitions = pipeline.partitions()
     assert len(partitions) == 1 and partitions[0].startswith("employees_2026-11-01.csv@")
     partition = partitions[0]
     assert runs[0].tags["dagster/partition"] == partition
     assert runs[0].tags["dagster/run_key"] == partition
-    validation = latest_metadata(pipeline.instance, KEY("validated_rows"), partition)
+    validation = pipeline.metadata("validated_rows", partition)
     assert validation["source_rows"] == 200
     assert validation["rejected_rows"] == 6
     assert validation["dagster/row_count"] == 194
-    assert _check(pipeline.instance, "validated_rows", REJECTION_CHECK).status.value == "SUCCEEDED"
+    assert pipeline.check("validated_rows", REJECTION_CHECK).status.value == "SUCCEEDED"
 
     report_runs = pipeline.wait_for_reports()
 
     assert report_runs[0].is_success
-    handle = latest_metadata(pipeline.instance, KEY("import_job"), partition)["job_handle"]
+    handle = pipeline.metadata("import_job", partition)["job_handle"]
     assert report_runs[0].tags["dagster/run_key"] == f"{handle['jobs'][0]['job_id']}:failed"
-    report = latest_metadata(pipeline.instance, KEY("failure_report"), partition)
+    report = pipeline.metadata("failure_report", partition)
     assert report["source_rows"] == 200
     assert report["rejected_by_validation"] == 6
     assert report["failed_at_target"] == 2
@@ -64,13 +56,12 @@ def test_new_file_flows_to_failure_report(pipeline: Pipeline) -> None:
     assert report["ignored_by_target"] == 0
     assert report["dagster/row_count"] == 8
     assert "| 163 | E01161 |" in report["preview"]
-    with open(report["report_path"], newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = pipeline.report_rows(partition)
     got = [(r["source_line"], r["unique_id"], r["stage"], r["outcome"], r["column"]) for r in rows]
     assert got == EXPECTED_REPORT
     assert rows[6]["reason"] == "Email domain 'acme-corp.invalid' does not accept mail"
     assert rows[3]["reason"] == "Employee ID duplicates a value first seen on line 14"
-    assert _check(pipeline.instance, "failure_report", ACCOUNTING_CHECK).status.value == "SUCCEEDED"
+    assert pipeline.accounting_passed()
 
     imports = pipeline.imports()
     assert [i["name"] for i in imports] == ["All staff"]
@@ -78,17 +69,17 @@ def test_new_file_flows_to_failure_report(pipeline: Pipeline) -> None:
     assert pipeline.wait_for_reports(expected=0, timeout=0.3) == []
 
 
-def test_blocking_check_stops_a_broken_export(pipeline_factory) -> None:
-    pipeline = pipeline_factory(max_rejection_rate=0.02)
+def test_blocking_check_stops_a_broken_export(pipeline_factory: PipelineFactory) -> None:
+    pipeline = pipeline_factory(feeds_text=demo_feeds(max_rejection_rate=0.02))
     pipeline.drop("employees.csv", DEMO_CSV)
 
     runs = pipeline.ingest()
 
-    partition = pipeline.instance.get_dynamic_partitions(f"{FEED}__files")[0]
-    check = _check(pipeline.instance, "validated_rows", REJECTION_CHECK)
+    partition = pipeline.partitions()[0]
+    check = pipeline.check("validated_rows", REJECTION_CHECK)
     assert check.status.value == "FAILED"
-    assert latest_metadata(pipeline.instance, KEY("rejected_rows"), partition)["dagster/row_count"] == 6
-    assert latest_metadata(pipeline.instance, KEY("import_job"), partition) is None
+    assert pipeline.metadata("rejected_rows", partition)["dagster/row_count"] == 6
+    assert pipeline.find_metadata("import_job", partition) is None
     assert pipeline.imports() == []
     assert runs[0].status in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE)
     assert pipeline.wait_for_reports(expected=0, timeout=0.3) == []
@@ -101,12 +92,12 @@ def test_same_content_is_not_imported_twice_and_new_content_updates_the_import(p
     first_job = pipeline.imports()[0]["asyncJobId"]
 
     assert pipeline.ingest() == []  # next tick: nothing new
-    partition = pipeline.instance.get_dynamic_partitions(f"{FEED}__files")[0]
+    partition = pipeline.partitions()[0]
     rerun = pipeline.defs.resolve_job_def(f"{FEED}__ingest").execute_in_process(
         instance=pipeline.instance, partition_key=partition
     )  # a backfill of the same partition from the UI or CLI
     assert rerun.success
-    reused = latest_metadata(pipeline.instance, KEY("import_job"), partition)
+    reused = pipeline.metadata("import_job", partition)
     assert reused["reused_previous_import"] is True
     assert pipeline.imports()[0]["asyncJobId"] == first_job
     assert pipeline.wait_for_reports(expected=0, timeout=0.3) == []
@@ -115,7 +106,7 @@ def test_same_content_is_not_imported_twice_and_new_content_updates_the_import(p
     pipeline.drop("employees.csv", changed)
     runs = pipeline.ingest()
     assert len(runs) == 1 and runs[0].is_success
-    assert len(pipeline.instance.get_dynamic_partitions(f"{FEED}__files")) == 2
+    assert len(pipeline.partitions()) == 2
     pipeline.wait_for_reports()
     imports = pipeline.imports()
     assert len(imports) == 1 and imports[0]["asyncJobId"] != first_job
@@ -161,10 +152,7 @@ def test_unreadable_file_fails_with_file_and_reason(pipeline: Pipeline) -> None:
     runs = pipeline.ingest()
 
     assert runs[0].status == dg.DagsterRunStatus.FAILURE
-    failures = pipeline.instance.get_records_for_run(
-        runs[0].run_id, of_type=dg.DagsterEventType.STEP_FAILURE
-    ).records
-    message = failures[0].event_log_entry.dagster_event.event_specific_data.error.message
+    message = pipeline.step_failures(runs[0])[0][1]
     assert "export.csv" in message and "xlsx" in message
     assert pipeline.imports() == []
 
@@ -175,10 +163,7 @@ def test_mapping_to_a_missing_header_names_it(pipeline: Pipeline) -> None:
     runs = pipeline.ingest()
 
     assert runs[0].status == dg.DagsterRunStatus.FAILURE
-    failures = pipeline.instance.get_records_for_run(
-        runs[0].run_id, of_type=dg.DagsterEventType.STEP_FAILURE
-    ).records
-    message = failures[0].event_log_entry.dagster_event.event_specific_data.error.message
+    message = pipeline.step_failures(runs[0])[0][1]
     assert "renamed.csv" in message and "'Start Date'" in message and "line 1" in message
 
 

@@ -11,23 +11,10 @@ import pytest
 
 from audience_pipeline.cli import SECRET_FIELD_SUFFIXES, random_credentials, run_demo
 from audience_pipeline.sandbox import SandboxSettings
-from audience_pipeline_tests.integration.conftest import DEMO_CSV, FEED, Pipeline
+from audience_pipeline_tests.integration.conftest import DEMO_CSV, FEED, PipelineFactory
+from audience_pipeline_tests.integration.leaks import assert_not_leaked, event_text
 
 pytestmark = pytest.mark.integration
-
-
-def _files_containing(root: Path, needle: bytes) -> list[Path]:
-    return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
-
-
-def _all_event_text(instance: dg.DagsterInstance) -> str:
-    chunks = []
-    for run in instance.get_runs():
-        for entry in instance.all_logs(run.run_id):
-            chunks.append(entry.user_message or "")
-            if entry.dagster_event is not None:
-                chunks.append(repr(entry.dagster_event))
-    return "\n".join(chunks)
 
 
 def test_full_demo_run_leaks_no_secret(
@@ -52,30 +39,27 @@ def test_full_demo_run_leaks_no_secret(
     assert (tmp_path / "dagster").is_dir() and list((tmp_path / "reports").rglob("failures.csv"))
     instance = dg.DagsterInstance.local_temp(tempdir=str(tmp_path / "dagster"))
     try:
-        text = _all_event_text(instance)
+        text = event_text(instance)
     finally:
         instance.dispose()
     assert "failure_report" in text
-    for secret in secrets:
-        assert secret not in out and secret not in err
-        assert secret not in caplog.text
-        assert _files_containing(tmp_path, secret.encode()) == []
-        assert secret not in text
+    texts = {"stdout": out, "stderr": err, "logs": caplog.text, "events": text}
+    assert_not_leaked(secrets, texts=texts, root=tmp_path)
 
 
-def test_rejected_api_key_is_not_echoed(pipeline_factory, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+def test_rejected_api_key_is_not_echoed(
+    pipeline_factory: PipelineFactory, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
     wrong = "wrong-key-5be0c3a7f9d2"
     monkeypatch.setenv("CXI_API_KEY", wrong)
     caplog.set_level(logging.DEBUG)
-    pipeline: Pipeline = pipeline_factory()
+    pipeline = pipeline_factory()
     pipeline.drop("employees.csv", DEMO_CSV)
 
     runs = pipeline.ingest()
 
     assert runs[0].status == dg.DagsterRunStatus.FAILURE
-    text = _all_event_text(pipeline.instance)
+    text = event_text(pipeline.instance)
     assert "401" in text and "Invalid API Token key" in text
-    assert wrong not in text
-    assert wrong not in caplog.text
-    assert _files_containing(pipeline.root, wrong.encode()) == []
+    assert_not_leaked([wrong], texts={"events": text, "logs": caplog.text}, root=pipeline.root)
     assert FEED in text

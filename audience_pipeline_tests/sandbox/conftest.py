@@ -1,8 +1,10 @@
-"""Shared sandbox fixtures: one real server per session, state reset before each test."""
+"""Shared sandbox fixtures: one real server per settings for the session, reset before each test.
+
+A module that needs other credentials or limits overrides ``sandbox_settings``.
+"""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,16 +12,23 @@ import httpx
 import pytest
 
 from audience_pipeline.sandbox import SandboxServer, SandboxSettings
+from audience_pipeline_tests.sandbox.polling import poll_until
+from audience_pipeline_tests.sandboxes import SandboxPool
 
 PACE = 0.05
 API_KEY = "test-cxi-key"
 TERMINAL = ("completed", "failed")
 
 
-@pytest.fixture(scope="session")
-def sandbox_server() -> Iterator[SandboxServer]:
-    with SandboxServer(SandboxSettings(pace_seconds=PACE, cxi_api_key=API_KEY)) as server:
-        yield server
+@pytest.fixture
+def sandbox_settings() -> SandboxSettings:
+    return SandboxSettings(pace_seconds=PACE, cxi_api_key=API_KEY)
+
+
+@pytest.fixture
+def sandbox_server(sandbox_pool: SandboxPool, sandbox_settings: SandboxSettings) -> SandboxServer:
+    """The running server for this module's settings, as the previous test left it."""
+    return sandbox_pool.get(sandbox_settings)
 
 
 @pytest.fixture
@@ -41,13 +50,12 @@ def poll_job(
     client: httpx.Client, job_id: str, base: str = "/public-api/audience-imports"
 ) -> list[dict[str, Any]]:
     """Every status answer seen until the job ends, polling fast enough to see each state."""
-    seen: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+
+    def fetch() -> dict[str, Any]:
         response = client.get(f"{base}/async-jobs/{job_id}/status")
         assert response.status_code == 200, response.text
-        seen.append(response.json()["data"])
-        if seen[-1]["status"] in TERMINAL:
-            return seen
-        time.sleep(PACE / 10)
-    raise AssertionError(f"job {job_id} did not end: {seen[-1]}")
+        return response.json()["data"]
+
+    return poll_until(
+        fetch, lambda data: data["status"] in TERMINAL, what=f"job {job_id}", timeout=5, interval=PACE / 10
+    )

@@ -4,7 +4,6 @@ creation and run state machines, 409s and limits."""
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -13,6 +12,7 @@ import httpx
 import pytest
 
 from audience_pipeline.sandbox import SandboxServer, SandboxSettings
+from audience_pipeline_tests.sandbox.polling import poll_until
 
 pytestmark = pytest.mark.integration
 
@@ -75,14 +75,13 @@ def _create(platform: httpx.Client, path: str, **changes: Any) -> httpx.Response
 
 
 def _until_done(platform: httpx.Client, path: str) -> list[dict[str, Any]]:
-    seen = []
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        seen.append(platform.get(path).json())
-        if seen[-1]["status"] != "PROCESSING":
-            return seen
-        time.sleep(0.01)
-    raise AssertionError(f"{path} did not end: {seen[-1]}")
+    return poll_until(
+        lambda: platform.get(path).json(),
+        lambda answer: answer["status"] != "PROCESSING",
+        what=path,
+        timeout=5,
+        interval=0.01,
+    )
 
 
 def test_ims_issues_tokens_only_for_the_right_client(ims: httpx.Client) -> None:

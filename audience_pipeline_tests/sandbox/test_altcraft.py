@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,27 +11,26 @@ import pytest
 
 from audience_pipeline.sandbox import SandboxServer, SandboxSettings
 from audience_pipeline.sandbox.altcraft import IMPORT_PATH, MAX_BODY_BYTES, MAX_PROFILES, STATUS_PATH
+from audience_pipeline_tests.sandbox.polling import poll_until
 
 PACE = 0.05
 TOKEN = "altcraft-sandbox-test-token-91c2"
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[SandboxServer]:
-    with SandboxServer(SandboxSettings(pace_seconds=PACE, altcraft_token=TOKEN)) as server:
-        yield server
+@pytest.fixture
+def sandbox_settings() -> SandboxSettings:
+    return SandboxSettings(pace_seconds=PACE, altcraft_token=TOKEN)
 
 
 @pytest.fixture
-def api(server: SandboxServer) -> Iterator[httpx.Client]:
-    server.reset()
-    with httpx.Client(base_url=server.vendor_url("altcraft"), timeout=10) as client:
+def api(sandbox: SandboxServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=sandbox.vendor_url("altcraft"), timeout=10) as client:
         yield client
 
 
 @pytest.fixture
-def control(server: SandboxServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=f"{server.url}/_sandbox/altcraft", timeout=5) as client:
+def control(sandbox: SandboxServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=f"{sandbox.url}/_sandbox/altcraft", timeout=5) as client:
         yield client
 
 
@@ -53,16 +51,19 @@ def start(api: httpx.Client, items: list[dict], **options: Any) -> str:
 
 def wait(api: httpx.Client, task_id: str) -> list[dict[str, Any]]:
     """Every status answer until the task ends, polled fast enough to see each state."""
-    seen: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+
+    def fetch() -> dict[str, Any]:
         response = api.post(STATUS_PATH, json={"token": TOKEN, "task_id": task_id})
         assert response.status_code == 200 and response.json()["error"] == 0, response.text
-        seen.append(response.json()["data"])
-        if seen[-1]["status"] in ("completed", "error"):
-            return seen
-        time.sleep(PACE / 5)
-    raise AssertionError(f"task {task_id} did not end: {seen[-1]}")
+        return response.json()["data"]
+
+    return poll_until(
+        fetch,
+        lambda d: d["status"] in ("completed", "error"),
+        what=f"task {task_id}",
+        timeout=10,
+        interval=PACE / 5,
+    )
 
 
 def results(api: httpx.Client, items: list[dict], **options: Any) -> list[dict[str, Any]]:
@@ -310,15 +311,15 @@ def test_skip_triggers_and_task_listing(api: httpx.Client, control: httpx.Client
 
 
 def test_reset_forgets_tasks_and_profiles(
-    server: SandboxServer, api: httpx.Client, control: httpx.Client
+    sandbox: SandboxServer, api: httpx.Client, control: httpx.Client
 ) -> None:
     task_id = start(api, [profile("a@example.com")])
-    server.reset()
+    sandbox.reset()
     assert control.get("/tasks").json()["tasks"] == []
     assert api.post(STATUS_PATH, json={"token": TOKEN, "task_id": task_id}).json()["error"] == 404
 
 
-def test_demo_env_points_at_the_vendor_prefix(server: SandboxServer) -> None:
-    env = server.app.vendors["altcraft"].demo_env(server.vendor_url("altcraft"))
-    assert env == {"ALTCRAFT_BASE_URL": server.vendor_url("altcraft"), "ALTCRAFT_TOKEN": TOKEN}
+def test_demo_env_points_at_the_vendor_prefix(sandbox: SandboxServer) -> None:
+    env = sandbox.app.vendors["altcraft"].demo_env(sandbox.vendor_url("altcraft"))
+    assert env == {"ALTCRAFT_BASE_URL": sandbox.vendor_url("altcraft"), "ALTCRAFT_TOKEN": TOKEN}
     assert env["ALTCRAFT_BASE_URL"].endswith("/altcraft")

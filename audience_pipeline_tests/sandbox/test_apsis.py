@@ -12,6 +12,7 @@ import pytest
 
 from audience_pipeline.sandbox import SandboxServer, SandboxSettings
 from audience_pipeline.sandbox.apsis import ATTRIBUTES, SECTION, ImportSpec, check_file
+from audience_pipeline_tests.sandbox.polling import poll_until
 
 CLIENT_ID = "sbx-apsis-client-3d9f"
 CLIENT_SECRET = "sbx-apsis-secret-8c41e0"
@@ -38,24 +39,21 @@ BAD_CSV = (
 )
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[SandboxServer]:
-    settings = SandboxSettings(
+@pytest.fixture
+def sandbox_settings() -> SandboxSettings:
+    return SandboxSettings(
         pace_seconds=PACE,
         apsis_client_id=CLIENT_ID,
         apsis_client_secret=CLIENT_SECRET,
         apsis_upload_url_ttl_seconds=TTL,
         apsis_max_file_bytes=MAX_FILE,
     )
-    with SandboxServer(settings) as server:
-        yield server
 
 
 @pytest.fixture
-def api(server: SandboxServer) -> Iterator[httpx.Client]:
+def api(sandbox: SandboxServer) -> Iterator[httpx.Client]:
     """An authenticated client rooted at the vendor prefix, on a freshly reset sandbox."""
-    server.reset()
-    with httpx.Client(base_url=server.vendor_url("apsis"), timeout=10) as client:
+    with httpx.Client(base_url=sandbox.vendor_url("apsis"), timeout=10) as client:
         token = client.post(
             "/oauth/token",
             json={"grant_type": "client_credentials", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET},
@@ -93,18 +91,21 @@ def upload(created: dict[str, Any], content: str | bytes, **field_changes: str) 
 
 
 def wait_final(api: httpx.Client, import_id: str) -> list[str]:
-    seen: list[str] = []
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    """Each status the import went through, in order, until it ends."""
+
+    def fetch() -> str:
         response = api.get(f"{STATUS}/{import_id}")
         assert response.status_code == 200, response.text
-        status = response.json()["result"]["status"]
-        if not seen or seen[-1] != status:
-            seen.append(status)
-        if status in ("completed", "error"):
-            return seen
-        time.sleep(PACE / 5)
-    raise AssertionError(f"import {import_id} did not end: {seen}")
+        return response.json()["result"]["status"]
+
+    seen = poll_until(
+        fetch,
+        lambda s: s in ("completed", "error"),
+        what=f"import {import_id}",
+        timeout=10,
+        interval=PACE / 5,
+    )
+    return [status for i, status in enumerate(seen) if i == 0 or seen[i - 1] != status]
 
 
 def run_import(api: httpx.Client, content: str, **overrides: Any) -> tuple[str, dict[str, Any]]:
@@ -171,8 +172,8 @@ def test_missing_column_is_a_file_level_error() -> None:
     assert result.fatal is not None and "'email'" in result.fatal
 
 
-def test_token_endpoint_and_bearer_auth(server: SandboxServer, api: httpx.Client) -> None:
-    base = server.vendor_url("apsis")
+def test_token_endpoint_and_bearer_auth(sandbox: SandboxServer, api: httpx.Client) -> None:
+    base = sandbox.vendor_url("apsis")
     wrong = httpx.post(
         f"{base}/oauth/token",
         json={"grant_type": "client_credentials", "client_id": CLIENT_ID, "client_secret": "nope-nope"},
@@ -189,7 +190,7 @@ def test_token_endpoint_and_bearer_auth(server: SandboxServer, api: httpx.Client
     assert httpx.get(f"{base}/audience/sections/{SECTION}/attributes").status_code == 401
     assert api.get(f"/audience/sections/{SECTION}/attributes").status_code == 200
 
-    assert httpx.post(f"{server.url}/_sandbox/apsis/tokens/revoke").json()["revoked"] >= 2
+    assert httpx.post(f"{sandbox.url}/_sandbox/apsis/tokens/revoke").json()["revoked"] >= 2
     revoked = api.get(f"/audience/sections/{SECTION}/attributes")
     assert revoked.status_code == 401 and revoked.json()["status"] == 401
 
@@ -296,12 +297,12 @@ def test_import_request_is_checked(api: httpx.Client, overrides: dict, status: i
     assert response.json()["status"] == status and detail in response.json()["detail"]
 
 
-def test_import_state_machine_and_report(server: SandboxServer, api: httpx.Client) -> None:
+def test_import_state_machine_and_report(sandbox: SandboxServer, api: httpx.Client) -> None:
     created = create(api)
     assert created.status_code == 201
     body = created.json()
     assert set(body) == {"import_id", "file_upload_url", "file_upload_body", "file_upload_url_expires_at"}
-    assert body["file_upload_url"].startswith(server.url + "/apsis/uploads/")
+    assert body["file_upload_url"].startswith(sandbox.url + "/apsis/uploads/")
     assert "signature=" in body["file_upload_url"] and "expires=" in body["file_upload_url"]
     assert set(body["file_upload_body"]) == {"key", "policy", "x-apsis-signature"}
     import_id = body["import_id"]
@@ -327,7 +328,7 @@ def test_import_state_machine_and_report(server: SandboxServer, api: httpx.Clien
 
     _, again = run_import(api, GOOD_CSV)
     assert again["statistics"]["created_profiles"] == 1 and again["statistics"]["updated_profiles"] == 1
-    listed = httpx.get(f"{server.url}/_sandbox/apsis/imports").json()
+    listed = httpx.get(f"{sandbox.url}/_sandbox/apsis/imports").json()
     assert listed["profiles"] == {f"{SECTION}/com.apsis1.keyspaces.crm": 4}
     assert listed["imports"][0]["request"] == request_body()
 
@@ -355,7 +356,7 @@ def test_upload_url_is_checked(api: httpx.Client) -> None:
 
 
 def test_expired_upload_url_is_refused_and_the_import_stays_waiting(
-    server: SandboxServer, api: httpx.Client
+    sandbox: SandboxServer, api: httpx.Client
 ) -> None:
     body = create(api).json()
     time.sleep(TTL + 0.1)
@@ -383,8 +384,8 @@ def test_three_pending_imports_then_429_with_retry_after(api: httpx.Client) -> N
     assert create(api).status_code == 201
 
 
-def test_fail_next_ends_the_import_in_error(server: SandboxServer, api: httpx.Client) -> None:
-    httpx.post(f"{server.url}/_sandbox/apsis/imports/fail-next", json={"detail": "Import file rejected"})
+def test_fail_next_ends_the_import_in_error(sandbox: SandboxServer, api: httpx.Client) -> None:
+    httpx.post(f"{sandbox.url}/_sandbox/apsis/imports/fail-next", json={"detail": "Import file rejected"})
     body = create(api).json()
     assert upload(body, GOOD_CSV).status_code == 204
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,26 +11,24 @@ import pytest
 
 from audience_pipeline.sandbox import SandboxServer, SandboxSettings
 from audience_pipeline.sandbox.yesmail import TargetList, member_error, parse_threshold, run_members
+from audience_pipeline_tests.sandbox.polling import poll_until
 
 PACE = 0.05
 USER, KEY = "ym-sandbox-user-1", "ym-sandbox-key-2"
 IMPORT = "/v2/target-lists/all-staff/members/import"
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[SandboxServer]:
-    settings = SandboxSettings(
+@pytest.fixture
+def sandbox_settings() -> SandboxSettings:
+    return SandboxSettings(
         pace_seconds=PACE, yesmail_api_user=USER, yesmail_api_key=KEY, yesmail_max_members=5
     )
-    with SandboxServer(settings) as server:
-        yield server
 
 
 @pytest.fixture
-def ym(server: SandboxServer) -> Iterator[httpx.Client]:
-    server.reset()
+def ym(sandbox: SandboxServer) -> Iterator[httpx.Client]:
     headers = {"Api-User": USER, "Api-Key": KEY}
-    with httpx.Client(base_url=server.vendor_url("yesmail"), headers=headers, timeout=5) as client:
+    with httpx.Client(base_url=sandbox.vendor_url("yesmail"), headers=headers, timeout=5) as client:
         yield client
 
 
@@ -40,16 +37,14 @@ def _body(members: list[Any], import_type: str = "update", **extra: Any) -> byte
 
 
 def _follow(client: httpx.Client, location: str) -> list[dict[str, Any]]:
-    seen: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+    def fetch() -> dict[str, Any]:
         response = client.get(location)
         assert response.status_code == 200, response.text
-        seen.append(response.json())
-        if seen[-1]["state"] in ("completed", "failed"):
-            return seen
-        time.sleep(PACE / 5)
-    raise AssertionError(f"ticket did not end: {seen[-1]}")
+        return response.json()
+
+    return poll_until(
+        fetch, lambda t: t["state"] in ("completed", "failed"), what="ticket", timeout=5, interval=PACE / 5
+    )
 
 
 def test_member_rules() -> None:
@@ -123,8 +118,8 @@ def test_import_ticket_lifecycle_and_results(ym: httpx.Client) -> None:
     assert listed.json() == {"name": "all-staff", "memberCount": 1} and listed.headers["ETag"]
 
 
-def test_ignore_marks_members_already_on_the_list(ym: httpx.Client, server: SandboxServer) -> None:
-    httpx.put(f"{server.url}/_sandbox/yesmail/target-lists/all-staff", json={"members": ["ann@acme.com"]})
+def test_ignore_marks_members_already_on_the_list(ym: httpx.Client, sandbox: SandboxServer) -> None:
+    httpx.put(f"{sandbox.url}/_sandbox/yesmail/target-lists/all-staff", json={"members": ["ann@acme.com"]})
     response = ym.post(IMPORT, content=_body([{"id": "ann@acme.com"}, {"id": "bob@acme.com"}], "ignore"))
     final = _follow(ym, response.headers["Content-Location"])[-1]
     results = ym.get(final["response"]["location"]).json()
@@ -140,8 +135,8 @@ def test_error_threshold_fails_the_ticket_and_leaves_the_rest_unprocessed(ym: ht
     assert results["counts"] == {"requested": 1, "total": 4, "completed": 1, "ignored": 0, "failed": 2}
 
 
-def test_retrying_phase(ym: httpx.Client, server: SandboxServer) -> None:
-    httpx.post(f"{server.url}/_sandbox/yesmail/retrying", json={"times": 1})
+def test_retrying_phase(ym: httpx.Client, sandbox: SandboxServer) -> None:
+    httpx.post(f"{sandbox.url}/_sandbox/yesmail/retrying", json={"times": 1})
     response = ym.post(IMPORT, content=_body([{"id": "a@acme.com"}]))
     seen = _follow(ym, response.headers["Content-Location"])
     events = [e["state"] for e in seen[-1]["events"]]
@@ -178,7 +173,7 @@ def test_if_match_with_the_current_etag_is_accepted_and_unknown_list_is_404(ym: 
     assert ym.get("/v2/tickets/nope").status_code == 404
 
 
-def test_oversized_body_is_413(server: SandboxServer) -> None:
+def test_oversized_body_is_413(sandbox: SandboxServer) -> None:
     small = SandboxSettings(
         pace_seconds=PACE, yesmail_api_user=USER, yesmail_api_key=KEY, max_upload_bytes=100
     )

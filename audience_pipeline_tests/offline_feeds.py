@@ -1,0 +1,36 @@
+"""A one-feed feeds file for tests that stand in for the vendor: its CXI address is never called."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from audience_pipeline.feeds.loader import load_feeds
+from audience_pipeline.feeds.model import FeedsFile
+
+FEED = "staff"
+
+
+def write_offline_feeds(root: Path) -> FeedsFile:
+    """Feed ``FEED`` reading ``root/incoming`` (created), with ID and Email mapped; loaded back."""
+    (root / "incoming").mkdir(parents=True, exist_ok=True)
+    config = {
+        "sources": {"hr_drop": {"type": "folder", "path": str(root / "incoming")}},
+        "destinations": {
+            "cxi": {"type": "communicate_xi", "base_url": "http://127.0.0.1:9", "api_key": "k" * 12}
+        },
+        "feeds": [
+            {
+                "name": FEED,
+                "source": "hr_drop",
+                "destination": "cxi",
+                "max_rejection_rate": 0.5,
+                "mapping": {"unique_id": "ID", "email": "Email"},
+                "options": {"import_name": "All staff"},
+            }
+        ],
+    }
+    path = root / "feeds.yaml"
+    path.write_text(yaml.safe_dump(config), "utf-8")
+    return load_feeds(path)
