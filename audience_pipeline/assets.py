@@ -22,7 +22,7 @@ from audience_pipeline.reports import (
     write_report,
 )
 from audience_pipeline.sources.base import StagedFile, split_partition_key, stage_or_reuse
-from audience_pipeline.validation import ValidationResult, validate_file
+from audience_pipeline.validation import ValidationResult, validate_for_feed
 
 IO_MANAGER_KEY = "audience_io_manager"
 STORAGE_KEY = "pipeline_storage"
@@ -142,13 +142,7 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
     )
     def validate(context: dg.AssetExecutionContext, hr_file: StagedFile) -> Iterator:
         try:
-            result = validate_file(
-                hr_file.path,
-                feed.mapping,
-                default_region=feed.default_phone_region,
-                allow_empty=feed.allow_empty,
-                max_file_bytes=feed.max_file_bytes,
-            )
+            result = validate_for_feed(hr_file.path, feed)
         except (CsvFileError, MappingError) as exc:
             raise dg.Failure(description=str(exc), allow_retries=False) from None
         rate = result.rejection_rate

@@ -130,7 +130,7 @@ def _validate(args: argparse.Namespace) -> int:
     from audience_pipeline.csv_reader import CsvFileError
     from audience_pipeline.normalize import MappingError
     from audience_pipeline.reports import REPORT_COLUMNS, write_report
-    from audience_pipeline.validation import validate_file
+    from audience_pipeline.validation import validate_for_feed
 
     feeds = load_feeds(args.feeds)
     feed = next((f for f in feeds.feeds if f.name == args.feed), None)
@@ -138,13 +138,7 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"error: no feed {args.feed!r}; known: {[f.name for f in feeds.feeds]}", file=sys.stderr)
         return 2
     try:
-        result = validate_file(
-            args.file,
-            feed.mapping,
-            default_region=feed.default_phone_region,
-            allow_empty=feed.allow_empty,
-            max_file_bytes=feed.max_file_bytes,
-        )
+        result = validate_for_feed(args.file, feed)
     except (CsvFileError, MappingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -19,7 +19,7 @@ import pyarrow as pa_arrow
 import pyarrow.compute as pc
 
 from audience_pipeline.csv_reader import DEFAULT_MAX_FILE_BYTES, ParsedCsv, read_csv
-from audience_pipeline.feeds.model import FieldMapping
+from audience_pipeline.feeds.model import Feed, FieldMapping
 from audience_pipeline.normalize import normalize
 from audience_pipeline.schemas.employee import REASONS, employee_schema
 
@@ -38,6 +38,18 @@ class ValidationResult:
     @property
     def rejection_rate(self) -> float:
         return len(self.rejects) / self.source_rows if self.source_rows else 0.0
+
+
+def validate_for_feed(path: Path | str, feed: Feed) -> ValidationResult:
+    """:func:`validate_file` with the feed's own mapping, phone region and file limits, so the
+    asset and ``audience-pipeline validate`` judge a file the same way."""
+    return validate_file(
+        path,
+        feed.mapping,
+        default_region=feed.default_phone_region,
+        allow_empty=feed.allow_empty,
+        max_file_bytes=feed.max_file_bytes,
+    )
 
 
 def validate_file(

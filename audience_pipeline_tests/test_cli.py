@@ -1,0 +1,73 @@
+"""The ``audience-pipeline`` command line: ``validate`` offline and ``sync`` against a real sandbox."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from audience_pipeline.cli import main
+from audience_pipeline.feeds.loader import DEMO_FEEDS
+from audience_pipeline.sandbox import SandboxSettings
+from audience_pipeline_tests.sandboxes import SandboxPool
+
+DEMO_CSV = DEMO_FEEDS.parent / "incoming" / "employees_2026-11-01.csv"
+
+
+def test_validate_lists_rejects_by_line_and_writes_them(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "rejects.csv"
+
+    code = main(["validate", str(DEMO_CSV), "--feed", "all_staff_cxi", "--out", str(out)])
+
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "200 rows, 194 valid, 6 rejected (3.00%; feed threshold 5.00%)" in printed
+    assert "line 94: Employee ID duplicates a value first seen on line 14 [E01013]" in printed
+    lines = out.read_text("utf-8").splitlines()
+    assert lines[0] == "source_line,unique_id,stage,outcome,column,value,reason"
+    assert [line.split(",")[0] for line in lines[1:]] == ["43", "60", "76", "94", "121", "143"]
+
+
+def test_validate_exit_codes_say_what_went_wrong(tmp_path: Path, capsys) -> None:
+    broken = tmp_path / "broken.csv"
+    lines = DEMO_CSV.read_text("utf-8").splitlines()
+    broken.write_text("\n".join([lines[0]] + [line.replace("@", "@@") for line in lines[1:]]) + "\n")
+    workbook = tmp_path / "export.csv"
+    workbook.write_bytes(b"PK\x03\x04" + b"\x00" * 60 + b"[Content_Types].xml" + b"\x00" * 200)
+
+    assert main(["validate", str(broken), "--feed", "all_staff_cxi"]) == 1
+    assert "feed threshold 5.00%" in capsys.readouterr().out
+    assert main(["validate", str(workbook), "--feed", "all_staff_cxi"]) == 1
+    err = capsys.readouterr().err
+    assert str(workbook) in err and "not a CSV" in err
+    assert main(["validate", str(DEMO_CSV), "--feed", "nope"]) == 2
+    assert "no feed 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_sync_imports_new_files_once(
+    tmp_path: Path, sandbox_pool: SandboxPool, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    sandbox_server = sandbox_pool.get(SandboxSettings(pace_seconds=0.05))
+    sandbox_server.reset()
+    for name, vendor in sandbox_server.app.vendors.items():
+        for var, value in vendor.demo_env(sandbox_server.vendor_url(name)).items():
+            monkeypatch.setenv(var, value)
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    (tmp_path / "incoming").mkdir()
+    shutil.copy(DEMO_CSV, tmp_path / "incoming")
+    feeds = tmp_path / "feeds.yaml"
+    feeds.write_text(DEMO_FEEDS.read_text("utf-8"), "utf-8")
+    args = ["sync", "--feeds", str(feeds), "--feed", "all_staff_cxi", "--home", str(tmp_path / "home")]
+    args += ["--poll-interval", "0.05", "--timeout", "30"]
+
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    second = capsys.readouterr().out
+
+    summary = [line for line in first.splitlines() if line.startswith("all_staff_cxi ")]
+    assert len(summary) == 1 and summary[0].split()[2:8] == ["200", "6", "192", "2", "0", "failed"]
+    assert (tmp_path / "home" / "reports" / "all_staff_cxi").is_dir()
+    assert second.strip().endswith("no new files")
