@@ -1,7 +1,8 @@
-"""Real servers on 127.0.0.1 for source tests: an asyncssh SFTP server and a report URL.
+"""Real servers on 127.0.0.1 for source tests: an asyncssh SFTP server, a report URL and an S3
+server that can be restarted.
 
-Both run in a background thread, can be stopped and started again on the same port (a source
-that goes down between ticks) and record what they were asked.
+All run in a background thread and can be stopped and started again on the same port (a source
+that goes down between ticks); the report server records what it was asked.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import base64
 import socket
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncssh
 import uvicorn
@@ -20,6 +23,9 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+if TYPE_CHECKING:
+    from moto.server import ThreadedMotoServer
 
 SFTP_USER = "hr-drop"
 SFTP_PASSWORD = "sftp-pass-6d1e8b2a90"
@@ -112,7 +118,11 @@ class SftpTestServer:
 
 @dataclass
 class ReportState:
-    """What the report endpoint serves and expects; tests change it between pulls."""
+    """What the report endpoint serves and expects; tests change it between pulls.
+
+    ``cut_after`` makes every pull send only that many body bytes and then drop the connection,
+    having declared the full ``Content-Length`` (or, without ``cut_declares_length``, chunked).
+    """
 
     body: bytes = b""
     username: str = "ISU_Audience"
@@ -120,6 +130,8 @@ class ReportState:
     token: str = "report-token-5f2b8a17c3e9"
     content_type: str = "text/csv; charset=utf-8"
     fail_with: list[int] = field(default_factory=list)
+    cut_after: int | None = None
+    cut_declares_length: bool = True
     requests: list[dict] = field(default_factory=list)
 
 
@@ -144,12 +156,19 @@ def build_report_app(state: ReportState) -> Starlette:
         if request.method == "POST" and request.headers.get("Content-Type") != "application/json":
             return PlainTextResponse("expected a JSON field list", status_code=400)
         data = state.body
+        cut_after = state.cut_after
+        headers = {}
+        if cut_after is not None and state.cut_declares_length:
+            headers["Content-Length"] = str(len(data))
 
-        async def chunks():
-            for i in range(0, len(data), 64 * 1024):
-                yield data[i : i + 64 * 1024]
+        async def chunks() -> AsyncIterator[bytes]:
+            end = len(data) if cut_after is None else cut_after
+            for i in range(0, end, 64 * 1024):
+                yield data[i : min(i + 64 * 1024, end)]
+            if cut_after is not None:  # uvicorn drops the connection when the app fails mid-body
+                raise ConnectionAbortedError("report server: connection dropped mid-stream (test)")
 
-        return StreamingResponse(chunks(), media_type=state.content_type)
+        return StreamingResponse(chunks(), media_type=state.content_type, headers=headers)
 
     return Starlette(routes=[Route(REPORT_PATH, report, methods=["GET", "POST"])])
 
@@ -192,3 +211,29 @@ class ReportServer:
         if self._thread is not None:
             self._thread.join(10)
         self._server = self._thread = None
+
+
+class RestartableS3Server:
+    """moto's S3 server of a test's own on 127.0.0.1: :meth:`stop` takes it down, :meth:`start`
+    brings up a new one on the same port (moto keeps buckets per process, not per server)."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._server: ThreadedMotoServer | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        server.start()
+        self.port = server.get_host_and_port()[1]
+        self._server = server
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+        self._server = None
