@@ -33,6 +33,11 @@ Protocol choices where the vendor document is vague (the sandbox agrees with eac
   value in the identity field are not sent (Platform could not identify them) and are reported
   failed with that reason.
 - Errors carry ``error_code`` like ``100910-400`` and a ``message``.
+- Rate limits: every Platform and IMS call goes through :class:`VendorHTTP`, which waits out a 429
+  as its ``Retry-After`` asks (up to 5 attempts) for any method, creates and run starts included:
+  a 429 was not processed, so repeating it cannot make a second audience or run. A status poll
+  that is still refused fails only that sensor tick; the import stays in flight for the next one.
+- An expired landing-zone SAS is fetched again and the upload retried once (``aep_storage``).
 """
 
 from __future__ import annotations

@@ -6,7 +6,13 @@ Two locations, chosen per feed by ``options.storage.type``:
   from the Platform credentials endpoint on every push (it may be rotated) and is a credential:
   it is registered with the redactor before anything can log it, and the upload client carries
   no Platform headers. The blob is written with one ``Put Blob`` (``x-ms-blob-type: BlockBlob``),
-  streamed from disk, so files up to Azure's 5,000 MiB single-put limit work in bounded memory.
+  streamed from disk in 64 KiB reads with a ``Content-Length``, so files up to Azure's 5,000 MiB
+  single-put limit work in bounded memory (never one bytes object of the whole file).
+  A SAS can expire or be rotated between the credentials call and the upload (a slow export, a
+  long retry wait): Azure then answers 403 ``AuthenticationFailed``. The upload fetches the
+  credentials once more and retries once with the new SAS; a second refusal fails the push with
+  a message naming the container and blob, never the SAS. Other errors are not retried here
+  (:class:`VendorHTTP` already retried what is safe to retry).
 - ``s3``: a bucket the organisation connected to Platform as a source connection
   (``base_connection_id``); written with boto3 (multipart above 8 MB, handled by boto3), with an
   optional ``endpoint_url`` for S3-compatible stores and tests.
@@ -18,6 +24,9 @@ which bounds the data-filter window of an ingestion run.
 
 from __future__ import annotations
 
+import html
+import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -28,10 +37,13 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from audience_pipeline.destinations.http import VendorError, VendorHTTP
+from audience_pipeline.destinations.http import VendorAuthError, VendorError, VendorHTTP, parse_error_body
 from audience_pipeline.redact import redact, register_secret
 
+logger = logging.getLogger("audience_pipeline.aep")
+
 MAX_PUT_BLOB_BYTES = 5000 * 1024 * 1024
+SAS_REFUSED = "AuthenticationFailed"
 
 
 class DlzStorageOptions(BaseModel):
@@ -108,23 +120,62 @@ class LandingZone:
         self._transport = transport
 
     def upload(self, local: Path, file_name: str) -> StoredFile:
+        """Put ``local`` at ``<folder>/<file_name>``; a refused SAS is fetched anew and tried once more."""
         size = local.stat().st_size
         if size > MAX_PUT_BLOB_BYTES:
             raise ValueError(
                 f"{file_name} is {size} bytes; the Data Landing Zone takes at most "
                 f"{MAX_PUT_BLOB_BYTES} per file"
             )
+        blob = _join(self.options.folder, file_name)
+        sas_uri, token, container = self._sas()
+        try:
+            return self._put(local, blob, size, sas_uri, token, container)
+        except VendorAuthError as exc:
+            if exc.code != SAS_REFUSED:
+                raise
+            logger.warning(
+                "%s: the Data Landing Zone refused the SAS for container %s (%s); "
+                "fetching fresh credentials and retrying the upload of %s once",
+                self.vendor,
+                container,
+                exc.detail,
+                blob,
+            )
+        sas_uri, token, container = self._sas()
+        try:
+            return self._put(local, blob, size, sas_uri, token, container)
+        except VendorAuthError as exc:
+            if exc.code != SAS_REFUSED:
+                raise
+            raise VendorAuthError(
+                self.vendor,
+                "PUT",
+                f"Data Landing Zone container {container}, blob {blob}",
+                status=exc.status,
+                code=SAS_REFUSED,
+                detail=(
+                    "the container's SAS was refused again with freshly fetched credentials "
+                    f"({exc.detail}); it expired or was revoked before the upload started: "
+                    "check the landing zone credentials in Platform and this host's clock"
+                ),
+            ) from None
+
+    def _sas(self) -> tuple[str, str, str]:
+        """The current SAS URI, token and container, registered as secrets before any use."""
         creds = self._credentials()
         sas_uri = str(creds.get("SASUri") or "")
         token = str(creds.get("SASToken") or "")
         container = str(creds.get("containerName") or "")
-        register_secret(sas_uri, token, *_sas_signatures(token))
+        register_secret(sas_uri, token, *_sas_signatures(token), *_sas_signatures(sas_uri.partition("?")[2]))
         if not sas_uri or not container:
             raise VendorError(
                 self.vendor, "GET", "landing zone credentials", code="unexpected_response", detail="no SASUri"
             )
+        return sas_uri, token, container
+
+    def _put(self, local: Path, blob: str, size: int, sas_uri: str, token: str, container: str) -> StoredFile:
         base, _, query = sas_uri.partition("?")
-        blob = _join(self.options.folder, file_name)
         url = f"{base.rstrip('/')}/{quote(blob)}?{query or token}"
         with (
             VendorHTTP(
@@ -133,6 +184,7 @@ class LandingZone:
                 secrets=[sas_uri, token],
                 timeout=self._timeout,
                 transport=with_plain_headers({"x-ms-blob-type": "BlockBlob"}, self._transport),
+                error_parser=azure_error,
             ) as http,
             open(local, "rb") as body,
         ):
@@ -145,6 +197,23 @@ class LandingZone:
             modified_at=_http_date(response.headers.get("Last-Modified")),
             size=size,
         )
+
+
+_AZURE_TAGS = ("Code", "Message", "AuthenticationErrorDetail")
+
+
+def azure_error(response: httpx.Response) -> tuple[str | None, str]:
+    """``(code, message)`` of an Azure Storage error: ``x-ms-error-code`` or the XML ``<Code>``,
+    and ``<Message>`` plus ``<AuthenticationErrorDetail>`` (why a SAS was refused)."""
+    text = response.text
+    found = {tag: re.search(rf"<{tag}>(.*?)</{tag}>", text, re.DOTALL) for tag in _AZURE_TAGS}
+    header_code = response.headers.get("x-ms-error-code")
+    if not any(found.values()):
+        code, message = parse_error_body(response)
+        return header_code or code, message
+    code = header_code or (found["Code"].group(1) if found["Code"] else None)
+    parts = [m.group(1) for tag, m in found.items() if tag != "Code" and m is not None]
+    return code, " ".join(" ".join(html.unescape(p).split()) for p in parts)
 
 
 def _sas_signatures(token: str) -> list[str]:

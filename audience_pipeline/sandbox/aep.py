@@ -6,9 +6,12 @@ Paths under the vendor prefix ``/aep``:
   ``scope``) → ``{access_token, token_type, expires_in}``; IMS-style ``{error, error_description}``.
 - ``GET /data/foundation/connectors/landingzone/credentials?type=user_drop_zone`` →
   ``{containerName, SASToken, storageAccountName, SASUri}``; the SAS URI points at
-  ``/aep/dlz/<container>`` on this server.
+  ``/aep/dlz/<container>`` on this server. Every call issues a SAS that expires
+  ``aep_sas_ttl_seconds`` later (``se=``, ISO 8601 UTC, signed with ``sig`` so it cannot be
+  stretched), as a rotated Azure SAS would.
 - ``PUT|GET /dlz/<container>/<blob>?<SAS>`` (``x-ms-blob-type: BlockBlob`` on PUT) → 201 with
-  ``Last-Modified``; Azure-style XML errors (403 ``AuthenticationFailed``, 413, 400).
+  ``Last-Modified``; Azure-style XML errors (403 ``AuthenticationFailed`` for a forged or expired
+  SAS, with ``AuthenticationErrorDetail``; 413, 400) and the ``x-ms-error-code`` header.
 - Under ``/data/core/ais``: ``POST /external-audience/``, ``GET /external-audiences?customAudienceId=``,
   ``GET /external-audiences/operations/{id}``, ``GET|PATCH|DELETE /external-audience/{id}``,
   ``POST|GET /external-audience/{id}/runs``, ``GET /external-audience/{id}/runs/{runId}``.
@@ -42,6 +45,8 @@ import codecs
 import contextlib
 import csv
 import email.utils
+import hashlib
+import hmac
 import math
 import os
 import secrets
@@ -51,6 +56,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from json import JSONDecodeError
 from typing import TYPE_CHECKING, Any
 
@@ -90,10 +96,11 @@ class AepError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
-def _blob_error(status: int, code: str, message: str) -> Response:
+def _blob_error(status: int, code: str, message: str, detail: str = "") -> Response:
+    extra = f"<AuthenticationErrorDetail>{detail}</AuthenticationErrorDetail>" if detail else ""
     xml = (
         '<?xml version="1.0" encoding="utf-8"?>'
-        f"<Error><Code>{code}</Code><Message>{message}</Message></Error>"
+        f"<Error><Code>{code}</Code><Message>{message}</Message>{extra}</Error>"
     )
     return Response(xml, status_code=status, media_type="application/xml", headers={"x-ms-error-code": code})
 
@@ -152,12 +159,14 @@ class AepVendor:
         self._sandbox = settings.aep_sandbox_name
         self._pace = settings.pace_seconds
         self._max_upload = settings.max_upload_bytes
+        self._sas_ttl = settings.aep_sas_ttl_seconds
         self._lock = threading.Lock()
         self._sig = secrets.token_urlsafe(24)
         self._init_state()
 
     def _init_state(self) -> None:
         self._tokens: dict[str, float] = {}
+        self._issued_sas: list[str] = []
         self._audiences: dict[str, _Audience] = {}
         self._operations: dict[str, _Job] = {}
         self._blobs: dict[str, _Blob] = {}
@@ -264,8 +273,21 @@ class AepVendor:
 
     # --- landing zone -------------------------------------------------------------------------
 
+    def issued_sas(self) -> list[str]:
+        """Every SAS token handed out since the last reset (for tests that look for leaks)."""
+        with self._lock:
+            return list(self._issued_sas)
+
     def _sas_token(self) -> str:
-        return f"sv=2020-10-02&si=dlz-ingestion&sr=c&sp=racwdl&sig={self._sig}"
+        expiry = datetime.fromtimestamp(time.time() + self._sas_ttl, UTC)
+        se = expiry.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        token = f"sv=2020-10-02&si=dlz-ingestion&sr=c&sp=racwdl&se={se}&sig={self._signature(se)}"
+        with self._lock:
+            self._issued_sas.append(token)
+        return token
+
+    def _signature(self, se: str) -> str:
+        return hmac.new(self._sig.encode(), se.encode(), hashlib.sha256).hexdigest()
 
     async def _dlz_credentials(self, request: Request) -> Response:
         if request.query_params.get("type", "user_drop_zone") != "user_drop_zone":
@@ -284,8 +306,28 @@ class AepVendor:
     def _blob_auth(self, request: Request) -> Response | None:
         if request.path_params["container"] != CONTAINER:
             return _blob_error(404, "ContainerNotFound", "The specified container does not exist.")
-        if not same_secret(request.query_params.get("sig", ""), self._sig):
+        se = request.query_params.get("se", "")
+        if not same_secret(request.query_params.get("sig", ""), self._signature(se)):
+            return _blob_error(
+                403,
+                "AuthenticationFailed",
+                "Server failed to authenticate the request.",
+                "Signature did not match.",
+            )
+        try:
+            expiry = datetime.fromisoformat(se)
+        except ValueError:
             return _blob_error(403, "AuthenticationFailed", "Server failed to authenticate the request.")
+        now = datetime.now(UTC)
+        if now >= expiry:
+            return _blob_error(
+                403,
+                "AuthenticationFailed",
+                "Server failed to authenticate the request.",
+                "Signature not valid in the specified time frame: "
+                f"Expiry [{email.utils.format_datetime(expiry, usegmt=True)}] - "
+                f"Current [{email.utils.format_datetime(now, usegmt=True)}]",
+            )
         return None
 
     async def _blob_put(self, request: Request) -> Response:

@@ -49,6 +49,7 @@ class SandboxSettings:
     aep_client_secret: str = "sandbox-aep-secret"
     aep_org_id: str = "SANDBOX0123456789@AdobeOrg"
     aep_sandbox_name: str = "prod"
+    aep_sas_ttl_seconds: float = 3600.0
     apsis_client_id: str = "sandbox-apsis-client"
     apsis_client_secret: str = "sandbox-apsis-secret"
     apsis_upload_url_ttl_seconds: float = 900.0

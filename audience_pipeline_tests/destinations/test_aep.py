@@ -43,6 +43,8 @@ class FakeAep:
     conflicts: int = 0
     run_status: dict[str, Any] = field(default_factory=lambda: {"status": "SUCCESS", "details": []})
     blobs: dict[str, bytes] = field(default_factory=dict)
+    sas_refusals: int = 0
+    sas_error: str = "AuthenticationFailed"
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
@@ -60,6 +62,14 @@ class FakeAep:
         if request.url.host == "dlz.example.test":
             assert "authorization" not in request.headers and "x-api-key" not in request.headers
             assert request.headers["x-ms-blob-type"] == "BlockBlob" and request.url.params["sig"] == SIG
+            if self.sas_refusals:
+                self.sas_refusals -= 1
+                xml = (
+                    f"<?xml version='1.0'?><Error><Code>{self.sas_error}</Code><Message>Server failed to "
+                    "authenticate the request.</Message><AuthenticationErrorDetail>Signature not valid in "
+                    "the specified time frame</AuthenticationErrorDetail></Error>"
+                )
+                return httpx.Response(403, text=xml, headers={"x-ms-error-code": self.sas_error})
             self.blobs[path] = request.read()
             return httpx.Response(201, headers={"Last-Modified": formatdate(MTIME, usegmt=True)})
         assert request.headers["x-sandbox-name"] == "prod" and request.headers["x-api-key"] == CLIENT_ID
@@ -271,3 +281,64 @@ feeds:
     bad.write_text(text % "mobile_phone", "utf-8")
     with pytest.raises(FeedsFileError, match=r"feeds\[0\]\.options\.identity_field"):
         load_feeds(bad)
+
+
+def _dlz_requests(fake: FakeAep) -> tuple[int, int]:
+    """(credential fetches, blob PUTs) the client made."""
+    creds = sum(r.url.path.endswith("/landingzone/credentials") for r in fake.requests)
+    return creds, sum(r.url.host == "dlz.example.test" for r in fake.requests)
+
+
+def test_a_refused_sas_is_fetched_again_and_the_upload_retried_once(caplog) -> None:
+    fake = FakeAep(sas_refusals=1)
+    handle = make_client(fake).submit(rows(), feed="staff", partition="p@1")
+
+    assert _dlz_requests(fake) == (2, 2)
+    assert "/dlz-user-container/hr/staff.csv" in fake.blobs and handle.extra["kind"] == "operation"
+    [warning] = [r.getMessage() for r in caplog.records if "refused the SAS" in r.getMessage()]
+    assert "dlz-user-container" in warning and "Signature not valid" in warning and SIG not in warning
+
+
+def test_a_sas_refused_twice_fails_naming_the_container_never_the_sas() -> None:
+    fake = FakeAep(sas_refusals=2)
+    with pytest.raises(VendorAuthError) as caught:
+        make_client(fake).submit(rows(), feed="staff", partition="p@1")
+
+    message = str(caught.value)
+    assert "Data Landing Zone container dlz-user-container, blob hr/staff.csv -> 403" in message
+    assert "AuthenticationFailed" in message and "refused again with freshly fetched credentials" in message
+    assert SIG not in message and "sig=" not in message
+    assert _dlz_requests(fake) == (2, 2) and fake.bodies("POST", "/external-audience/") == []
+
+
+def test_other_landing_zone_refusals_are_not_retried() -> None:
+    fake = FakeAep(sas_refusals=1, sas_error="AuthorizationPermissionMismatch")
+    with pytest.raises(VendorAuthError, match="AuthorizationPermissionMismatch"):
+        make_client(fake).submit(rows(), feed="staff", partition="p@1")
+    assert _dlz_requests(fake) == (2 - 1, 1)
+
+
+def test_the_upload_streams_the_file_from_disk(tmp_path: Path) -> None:
+    """64 KiB reads with a Content-Length (Put Blob needs one), never one bytes object of the file."""
+    chunks: list[int] = []
+    seen: dict[str, str] = {}
+
+    class BlobStore(httpx.BaseTransport):  # MockTransport would read the whole body first
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            seen.update(request.headers)
+            assert isinstance(request.stream, httpx.SyncByteStream)
+            chunks.extend(len(chunk) for chunk in request.stream)
+            return httpx.Response(201, headers={"Last-Modified": formatdate(MTIME, usegmt=True)})
+
+    def credentials() -> dict[str, str]:
+        token = f"sv=2020-10-02&sr=c&sp=racwdl&sig={SIG}"
+        return {"containerName": "c", "SASToken": token, "SASUri": f"https://dlz.example.test/c?{token}"}
+
+    local = tmp_path / "big.csv"
+    local.write_bytes(b"unique_id,email\n" + b"E1,a@x.com\n" * 100_000)
+    zone = LandingZone(VENDOR, DlzStorageOptions(), credentials, transport=BlobStore())
+    stored = zone.upload(local, "big.csv")
+
+    size = local.stat().st_size
+    assert stored.size == size and int(seen["content-length"]) == size
+    assert sum(chunks) == size and len(chunks) > 10 and max(chunks) <= 65_536

@@ -1,11 +1,17 @@
 """Experience Platform end to end through Dagster: sensors, runs, reports and checks against the
-sandbox (IMS, Platform API, Data Landing Zone) over real HTTP, and S3 through moto."""
+sandbox (IMS, Platform API, Data Landing Zone) over real HTTP, and S3 through moto; also a 429
+storm, an expired landing-zone SAS and a 120 MB export."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import resource
+import time
 from collections.abc import Callable
 
+import dagster as dg
 import pytest
 
 from audience_pipeline.cli import random_credentials
@@ -13,6 +19,7 @@ from audience_pipeline.sandbox import SandboxSettings
 from audience_pipeline_tests.conftest import S3Server
 from audience_pipeline_tests.integration.conftest import DEMO_CSV, Pipeline, PipelineFactory
 from audience_pipeline_tests.integration.leaks import assert_not_leaked, event_text
+from benchmarks.generate_employees import generate
 
 pytestmark = pytest.mark.integration
 
@@ -79,6 +86,26 @@ def _audiences(pipeline: Pipeline) -> list[dict]:
     return pipeline.control("aep", "audiences")["audiences"]
 
 
+def _sas_secrets(pipeline: Pipeline) -> list[str]:
+    """Every SAS the sandbox issued, and each one's signature on its own."""
+    issued = pipeline.sandbox.app.vendors["aep"].issued_sas()
+    assert issued, "no SAS was issued"
+    return [*issued, *(sas.rpartition("sig=")[2] for sas in issued)]
+
+
+def _retry_waits(caplog: pytest.LogCaptureFixture, call: str, seconds: float) -> int:
+    """How many times the client waited ``seconds`` after a 429 on ``call`` (``"POST /path"``)."""
+    wanted = f"-> 429; retrying in {seconds:.1f} s as asked by Retry-After"
+    return sum(call in r.getMessage() and wanted in r.getMessage() for r in caplog.records)
+
+
+def _failure_text(pipeline: Pipeline, run: dg.DagsterRun) -> str:
+    """Every failed step's error with its causes (Dagster wraps the client's exception)."""
+    records = pipeline.instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+    events = [r.event_log_entry.dagster_event for r in records.records]
+    return "\n".join(e.event_specific_data.error.to_string() for e in events if e is not None)
+
+
 def _changed_demo() -> tuple[str, int]:
     """The demo file with its last 10 data lines removed and a department renamed."""
     lines = DEMO_CSV.read_text("utf-8").splitlines(keepends=True)
@@ -131,7 +158,7 @@ def test_first_push_creates_the_audience_and_second_push_runs_ingestion(aep_fact
 
     settings = pipeline.sandbox.settings
     vendor = pipeline.sandbox.app.vendors["aep"]
-    leaked = [settings.aep_client_id, settings.aep_client_secret, vendor._sig, *vendor._tokens]
+    leaked = [settings.aep_client_id, settings.aep_client_secret, *_sas_secrets(pipeline), *vendor._tokens]
     texts = {"events": event_text(pipeline.instance), "logs": caplog.text}
     assert_not_leaked(leaked, texts=texts, root=pipeline.root)
 
@@ -221,3 +248,143 @@ def test_s3_storage_through_a_base_connection(aep_factory, s3: S3Server) -> None
         "baseConnectionId": "conn-s3-1",
     }
     assert s3.secret_access_key not in event_text(pipeline.instance)
+
+
+def test_a_429_storm_is_waited_out_as_asked_and_nothing_is_sent_twice(aep_factory, caplog) -> None:
+    """429s on IMS, create, operation status and run start: the client waits each Retry-After and
+    repeats the call (a 429 was not processed); a poll that runs out of attempts loses nothing."""
+    caplog.set_level(logging.INFO, logger="audience_pipeline.http")
+    pipeline = aep_factory()
+    storm = {"vendor": "aep", "kind": "status", "status": 429}
+    pipeline.sandbox.add_fault(**storm, method="POST", path_contains="/ims/token/v3", retry_after=1, times=2)
+    pipeline.sandbox.add_fault(
+        **storm, method="POST", path_contains="/external-audience/", retry_after=1, times=2
+    )
+    pipeline.drop("employees.csv", DEMO_CSV.read_text("utf-8"))
+
+    started = time.monotonic()
+    [run] = pipeline.ingest()
+    assert run.is_success and time.monotonic() - started >= 4.0  # 2 x 1 s on IMS, 2 x 1 s on create
+    assert _retry_waits(caplog, "POST http", 1.0) == 4
+    assert _retry_waits(caplog, "/ims/token/v3", 1.0) == 2
+    assert _retry_waits(caplog, "/external-audience/", 1.0) == 2
+    assert pipeline.sandbox.app.faults.pending() == []
+    partition = run.tags["dagster/partition"]
+    handle = pipeline.metadata("import_job", partition)["job_handle"]
+    assert handle["extra"]["kind"] == "operation"  # a repeated create would have met a 409 and run
+
+    # A poll whose every attempt is refused fails this tick only; the import stays in flight.
+    operations = "/external-audiences/operations/"
+    pipeline.sandbox.add_fault(**storm, method="GET", path_contains=operations, retry_after=0, times=5)
+    assert pipeline.driver.tick(f"{FEED}__import_status") == []
+    assert pipeline.sandbox.app.faults.pending() == []
+    assert _retry_waits(caplog, operations, 0.0) == 4
+    cursor = json.loads(pipeline.driver.cursors[f"{FEED}__import_status"])
+    assert partition in cursor["inflight"]
+    pipeline.sandbox.add_fault(**storm, method="GET", path_contains=operations, retry_after=1, times=2)
+    pipeline.wait_for_reports()
+    assert _retry_waits(caplog, operations, 1.0) == 2
+
+    report = pipeline.metadata("failure_report", partition)
+    assert (report["source_rows"], report["rejected_by_validation"]) == (200, 6)
+    assert (report["imported"], report["failed_at_target"]) == (194, 0)
+    assert pipeline.accounting_passed()
+
+    changed, removed = _changed_demo()
+    pipeline.sandbox.add_fault(**storm, method="POST", path_contains="/runs", retry_after=1, times=3)
+    pipeline.drop("employees.csv", changed)
+    started = time.monotonic()
+    [run] = pipeline.ingest()
+    assert run.is_success and time.monotonic() - started >= 3.0
+    assert _retry_waits(caplog, "/runs", 1.0) == 3
+    pipeline.wait_for_reports()
+
+    report = pipeline.metadata("failure_report", run.tags["dagster/partition"])
+    assert report["source_rows"] == 200 - removed
+    assert report["imported"] + report["rejected_by_validation"] == report["source_rows"]
+    assert report["failed_at_target"] == 0 and pipeline.accounting_passed()
+    [audience] = _audiences(pipeline)
+    assert audience["operation"] == {"status": "SUCCESS", "rows": 194}
+    assert [(r["status"], r["rows"]) for r in audience["runs"]] == [("SUCCESS", report["imported"])]
+    assert pipeline.sandbox.app.faults.pending() == []
+
+
+SAS_TTL = 2.0  # generous: the fresh SAS must reach the sandbox within it on a busy runner
+
+
+@pytest.mark.parametrize("sandbox_settings", [dataclasses.replace(SETTINGS, aep_sas_ttl_seconds=SAS_TTL)])
+def test_a_sas_that_expires_before_the_upload_is_fetched_again(aep_factory, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    pipeline = aep_factory()
+    pipeline.sandbox.add_fault(
+        vendor="aep", kind="delay", method="PUT", path_contains="/dlz/", delay_seconds=SAS_TTL + 0.5
+    )
+    pipeline.drop("employees.csv", DEMO_CSV.read_text("utf-8"))
+
+    [run] = pipeline.ingest()
+    assert run.is_success
+    assert len(pipeline.sandbox.app.vendors["aep"].issued_sas()) == 2
+    [warning] = [r.getMessage() for r in caplog.records if "refused the SAS" in r.getMessage()]
+    assert "container dlz-user-container" in warning and "Signature not valid" in warning
+    pipeline.wait_for_reports()
+    report = pipeline.metadata("failure_report", run.tags["dagster/partition"])
+    assert (report["imported"], report["failed_at_target"], report["rejected_by_validation"]) == (194, 0, 6)
+    assert pipeline.accounting_passed()
+    assert _audiences(pipeline)[0]["operation"] == {"status": "SUCCESS", "rows": 194}
+    texts = {"events": event_text(pipeline.instance), "logs": caplog.text}
+    assert_not_leaked(_sas_secrets(pipeline), texts=texts, root=pipeline.root)
+
+
+@pytest.mark.parametrize("sandbox_settings", [dataclasses.replace(SETTINGS, aep_sas_ttl_seconds=0.0)])
+def test_a_sas_that_is_always_expired_fails_the_partition_naming_the_container(aep_factory, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    pipeline = aep_factory()
+    pipeline.drop("employees.csv", DEMO_CSV.read_text("utf-8"))
+
+    [run] = pipeline.ingest()
+    assert not run.is_success
+    [(step, _)] = pipeline.step_failures(run)
+    assert step == f"{FEED}__import_job"
+    message = _failure_text(pipeline, run)
+    assert "Data Landing Zone container dlz-user-container, blob hr/staff_aep.csv -> 403" in message
+    assert "refused again with freshly fetched credentials" in message and "AuthenticationFailed" in message
+    assert len(pipeline.sandbox.app.vendors["aep"].issued_sas()) == 2  # the first SAS and one fresh one
+    assert _audiences(pipeline) == []
+    assert pipeline.find_metadata("import_job", run.tags["dagster/partition"]) is None
+
+    settings = pipeline.sandbox.settings
+    secrets = [*_sas_secrets(pipeline), settings.aep_client_secret, settings.aep_client_id]
+    texts = {"events": event_text(pipeline.instance), "logs": caplog.text, "failure": message}
+    assert_not_leaked(secrets, texts=texts, root=pipeline.root)
+
+
+def test_a_120_mb_export_is_uploaded_whole_and_every_row_is_accounted_for(aep_factory) -> None:
+    """Platform reads files up to ~10 GB, so the export goes up as one streamed blob, unsplit."""
+    pipeline = aep_factory()
+    generated = generate(pipeline.incoming / "big.csv", 1_110_000, bad_fraction=0.001, seed=11)
+    assert generated.bytes > 118_000_000
+
+    started = time.monotonic()
+    [run] = pipeline.ingest()
+    assert run.is_success
+    pipeline.wait_for_reports(timeout=120)
+    elapsed = time.monotonic() - started
+
+    partition = run.tags["dagster/partition"]
+    handle = pipeline.metadata("import_job", partition)["job_handle"]
+    assert len(handle["jobs"]) == 1 and handle["extra"]["kind"] == "operation"
+    report = pipeline.metadata("failure_report", partition)
+    assert report["source_rows"] == generated.rows
+    assert report["rejected_by_validation"] == generated.bad_total
+    assert report["failed_at_target"] == len(handle["extra"]["not_sent_rows"])
+    assert (
+        report["imported"] + report["failed_at_target"] + report["rejected_by_validation"] == generated.rows
+    )
+    assert handle["submitted_rows"] == generated.rows - generated.bad_total
+    [audience] = _audiences(pipeline)
+    assert audience["operation"] == {"status": "SUCCESS", "rows": report["imported"]}
+    assert pipeline.accounting_passed()
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        f"120 MB export: {generated.bytes} bytes, {elapsed:.1f} s, test process peak RSS {peak_mib:.0f} MiB"
+    )

@@ -155,6 +155,16 @@ def test_an_import_that_ends_in_error_fails_all_its_rows(apsis_pipeline) -> None
     assert "ended in error (Import file could not be processed)" in reason and "force: true" in reason
 
 
+SLOW_IMPORTS = SandboxSettings(
+    pace_seconds=0.5,
+    apsis_client_id=CLIENT_ID,
+    apsis_client_secret=CLIENT_SECRET,
+    apsis_upload_url_ttl_seconds=UPLOAD_TTL,
+)
+"""Imports that stay pending long enough that a loaded machine still meets the three-pending limit."""
+
+
+@pytest.mark.parametrize("sandbox_settings", [SLOW_IMPORTS], ids=["slow_imports"])
 def test_a_429_storm_and_the_three_pending_limit_lose_no_part(apsis_pipeline, caplog) -> None:
     caplog.set_level(logging.INFO, logger="audience_pipeline.apsis")
     pipeline = apsis_pipeline(extra_options="      max_file_bytes: 4000\n")

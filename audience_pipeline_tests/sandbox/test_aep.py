@@ -3,7 +3,9 @@ creation and run state machines, 409s and limits."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
 from collections.abc import Iterator
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -128,6 +130,28 @@ def test_landing_zone_needs_the_sas_signature_and_blob_type(platform: httpx.Clie
     assert forged.status_code == 403 and "AuthenticationFailed" in forged.text
     untyped = httpx.put(f"{base}/x.csv?{creds['SASToken']}", content="a")
     assert untyped.status_code == 400 and "MissingRequiredHeader" in untyped.text
+
+
+@pytest.mark.parametrize(
+    "sandbox_settings", [dataclasses.replace(SandboxSettings(pace_seconds=0.05), aep_sas_ttl_seconds=1.0)]
+)
+def test_a_sas_expires_after_its_lifetime_and_cannot_be_stretched(platform: httpx.Client) -> None:
+    creds = platform.get("/data/foundation/connectors/landingzone/credentials").json()
+    base, _, sas = creds["SASUri"].partition("?")
+    assert "se=" in sas and creds["SASToken"] == sas
+    headers = {"x-ms-blob-type": "BlockBlob"}
+    assert httpx.put(f"{base}/a.csv?{sas}", content="a", headers=headers).status_code == 201
+
+    se = httpx.QueryParams(sas)["se"]
+    stretched = sas.replace(se, se.replace(se[:4], str(int(se[:4]) + 1)))
+    forged = httpx.put(f"{base}/a.csv?{stretched}", content="a", headers=headers)
+    assert forged.status_code == 403 and "Signature did not match" in forged.text
+    time.sleep(1.1)
+    expired = httpx.put(f"{base}/a.csv?{sas}", content="a", headers=headers)
+    assert expired.status_code == 403 and expired.headers["x-ms-error-code"] == "AuthenticationFailed"
+    assert "Signature not valid in the specified time frame" in expired.text
+    fresh = platform.get("/data/foundation/connectors/landingzone/credentials").json()["SASToken"]
+    assert httpx.put(f"{base}/a.csv?{fresh}", content="a", headers=headers).status_code == 201
 
 
 def test_creation_then_runs_follow_the_state_machine(sandbox: SandboxServer, platform: httpx.Client) -> None:
