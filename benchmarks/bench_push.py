@@ -1,7 +1,9 @@
 """Benchmark pushing validated rows through the Yesmail client against a bare httpx loop.
 
-Both post to the same in-process sandbox (``SandboxServer``, Yesmail import endpoint) with the
-same concurrency, so the sandbox's own per-request cost weighs on both. The bare loop sends
+Both post to the same sandbox (Yesmail import endpoint) with the same concurrency, so the
+sandbox's own per-request cost weighs on both. The sandbox runs in its own process, as a vendor
+would: in-process it would share the interpreter lock with the code under test and charge its
+request handling to whichever side happens to be encoding at the time. The bare loop sends
 bodies serialised beforehand (by ``encode_records`` + ``pack_batches``, timed on their own) with
 an ``httpx.AsyncClient`` and a semaphore; the client run is the whole ``YesmailClient.submit``:
 member encoding, batching, ``VendorHTTP`` (retries, redaction, logging) and ticket parsing.
@@ -15,9 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
+import socket
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +33,8 @@ import pandas as pd
 
 from audience_pipeline.destinations.json_batches import pack_batches
 from audience_pipeline.destinations.yesmail import YesmailClient, YesmailResource
-from audience_pipeline.sandbox import SandboxServer, SandboxSettings
+from audience_pipeline.sandbox import SandboxSettings
+from audience_pipeline.sandbox.server import serve_forever
 from audience_pipeline.validation import validate_file
 from benchmarks.bench_validate import DEFAULT_DATA_DIR, benchmark_mapping, ensure_file
 
@@ -57,7 +65,47 @@ def load_rows(rows: int, seed: int, data_dir: Path) -> pd.DataFrame:
     return validate_file(generated.path, benchmark_mapping(), default_region="US").valid
 
 
-def _client(server: SandboxServer, batch: int, in_flight: int) -> YesmailClient:
+@dataclass(frozen=True)
+class SandboxProcess:
+    """The sandbox served by a child process; only its URL and the reset route are needed here."""
+
+    url: str
+
+    def vendor_url(self, name: str) -> str:
+        return f"{self.url}/{name}"
+
+    def reset(self) -> None:
+        httpx.post(f"{self.url}/_sandbox/reset", timeout=10).raise_for_status()
+
+
+@contextmanager
+def sandbox_process(settings: SandboxSettings, startup_timeout: float = 30.0) -> Iterator[SandboxProcess]:
+    """Start ``audience-pipeline sandbox`` in a spawned process on a free port and wait for it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    child = multiprocessing.get_context("spawn").Process(
+        target=serve_forever, args=("127.0.0.1", port, settings), daemon=True
+    )
+    child.start()
+    sandbox = SandboxProcess(f"http://127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            try:
+                if httpx.get(f"{sandbox.url}/_sandbox/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                if not child.is_alive() or time.monotonic() > deadline:
+                    raise RuntimeError(f"sandbox process did not answer on port {port}") from None
+                time.sleep(0.05)
+        yield sandbox
+    finally:
+        child.terminate()
+        child.join(timeout=10)
+
+
+def _client(server: SandboxProcess, batch: int, in_flight: int) -> YesmailClient:
     resource = YesmailResource(
         base_url=server.vendor_url("yesmail"),
         api_user=USER,
@@ -99,7 +147,7 @@ async def _bare(url: str, bodies: list[bytes], in_flight: int) -> int:
         return sum(await asyncio.gather(*(post(b) for b in bodies)))
 
 
-def measure_bare(server: SandboxServer, bodies: list[bytes], in_flight: int) -> float:
+def measure_bare(server: SandboxProcess, bodies: list[bytes], in_flight: int) -> float:
     url = f"{server.vendor_url('yesmail')}/v2/target-lists/{LIST}/members/import"
     started = time.perf_counter()
     sent = asyncio.run(_bare(url, bodies, in_flight))
@@ -108,7 +156,7 @@ def measure_bare(server: SandboxServer, bodies: list[bytes], in_flight: int) -> 
     return seconds
 
 
-def measure_client(server: SandboxServer, frame: pd.DataFrame, batch: int, in_flight: int) -> float:
+def measure_client(server: SandboxProcess, frame: pd.DataFrame, batch: int, in_flight: int) -> float:
     client = _client(server, batch, in_flight)
     try:
         started = time.perf_counter()
@@ -135,7 +183,7 @@ def run_benchmark(
     encode: list[float] = []
     bare: list[float] = []
     client: list[float] = []
-    with SandboxServer(settings) as server:
+    with sandbox_process(settings) as server:
         setup = _client(server, batch, in_flight)
         try:
             for _ in range(repeat):

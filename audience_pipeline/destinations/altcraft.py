@@ -54,7 +54,12 @@ from audience_pipeline.destinations.base import (
     every_row,
 )
 from audience_pipeline.destinations.http import VendorError, VendorHTTP, VendorHTTPError, parse_error_body
-from audience_pipeline.destinations.json_batches import Batch, encode_records, pack_batches, send_concurrently
+from audience_pipeline.destinations.json_batches import (
+    Batch,
+    encode_in_slices,
+    encode_records,
+    send_concurrently,
+)
 from audience_pipeline.destinations.options import VendorOptions, not_a_column
 from audience_pipeline.feeds.model import CANONICAL_FIELDS
 
@@ -208,11 +213,12 @@ class AltcraftClient:
     def batches(self, rows: pd.DataFrame) -> Iterator[Batch]:
         """Request bodies for ``rows``, cut by measured size and profile count (lazily built)."""
         columns = [c for c in rows.columns if c != "source_line"]
-        records = encode_records(rows, self.options.record_spec(columns))
+        spec = self.options.record_spec(columns)
         head = json.dumps({**self.options.envelope(self._token), "data": []}, separators=(",", ":"))
         head_bytes = head.removesuffix("]}").encode("utf-8")
-        return pack_batches(
-            records,
+        return encode_in_slices(
+            rows,
+            lambda part: encode_records(part, spec),
             head=head_bytes,
             tail=b"]}",
             max_rows=self.max_profiles,

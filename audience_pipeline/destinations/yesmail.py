@@ -40,6 +40,7 @@ from urllib.parse import quote
 import dagster as dg
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
 from audience_pipeline.destinations.base import (
@@ -53,7 +54,13 @@ from audience_pipeline.destinations.base import (
     every_row,
 )
 from audience_pipeline.destinations.http import VendorError, VendorHTTP, VendorHTTPError
-from audience_pipeline.destinations.json_batches import Batch, encode_records, pack_batches, send_concurrently
+from audience_pipeline.destinations.json_batches import (
+    Batch,
+    encode_in_slices,
+    encode_records,
+    pack_batches,
+    send_concurrently,
+)
 from audience_pipeline.destinations.options import VendorOptions, not_a_column
 
 VENDOR = "yesmail"
@@ -133,9 +140,9 @@ class YesmailClient:
 
     def members(self, rows: pd.DataFrame) -> pa.Array:
         """One JSON member per row: the id (lower-cased when it is an email) plus attributes."""
-        ids = rows[self.options.id_field].astype("str")
-        ids = ids.where(~ids.str.contains("@", regex=False, na=False), ids.str.lower())
-        frame = pd.DataFrame({"id": ids})
+        ids = pa.array(rows[self.options.id_field], from_pandas=True).cast(pa.large_string())
+        ids = pc.if_else(pc.fill_null(pc.match_substring(ids, "@"), False), pc.utf8_lower(ids), ids)
+        frame = pd.DataFrame({"id": pd.Series(pd.arrays.ArrowExtensionArray(ids), index=rows.index)})
         spec: dict[str, str] = {"id": "id"}
         for name, column in self.options.attributes.items():
             if column in rows.columns:
@@ -150,14 +157,13 @@ class YesmailClient:
         return head[:-1].encode() + b',"members":[', b"]}"
 
     def submit(self, rows: pd.DataFrame, *, feed: str, partition: str) -> JobHandle:
-        records = self.members(rows)
         head, tail = self._envelope()
         path = f"/v2/target-lists/{quote(self.options.target_list, safe='')}/members/import"
         template: dict[str, str] = {}
 
         def post(batch: Batch) -> list[ChunkJob]:
             if batch.row_count > self._limit:
-                return send_all(self._split(records, batch, head, tail, self._limit))
+                return send_all(self._split(batch, head, tail, self._limit))
             params = {"responseRef": f"{feed}:{partition}:{batch.first_row}"}
             if self.options.response_uri:
                 params["responseUri"] = self.options.response_uri
@@ -183,15 +189,20 @@ class YesmailClient:
                     batch.row_count,
                     self._limit,
                 )
-                return send_all(self._split(records, batch, head, tail, half))
+                return send_all(self._split(batch, head, tail, half))
             ticket_id = self._ticket_id(response, template)
             return [ChunkJob(job_id=ticket_id, first_row=batch.first_row, row_count=batch.row_count)]
 
         def send_all(batches: Iterable[Batch]) -> list[ChunkJob]:
             return [job for batch in batches for job in post(batch)]
 
-        batches = pack_batches(
-            records, head=head, tail=tail, max_rows=self._limit, max_bytes=self.max_request_bytes
+        batches = encode_in_slices(
+            rows,
+            self.members,
+            head=head,
+            tail=tail,
+            max_rows=self._limit,
+            max_bytes=self.max_request_bytes,
         )
         nested = send_concurrently(post, batches, max_in_flight=self.max_in_flight)
         jobs = [job for group in nested for job in group]
@@ -209,10 +220,10 @@ class YesmailClient:
             },
         )
 
-    def _split(self, records: pa.Array, batch: Batch, head: bytes, tail: bytes, size: int) -> Iterable[Batch]:
-        part = records.slice(batch.first_row, batch.row_count)
+    def _split(self, batch: Batch, head: bytes, tail: bytes, size: int) -> Iterable[Batch]:
+        assert batch.records is not None, "batches come from pack_batches, which keeps their rows"
         return pack_batches(
-            part,
+            batch.records,
             head=head,
             tail=tail,
             max_rows=size,
