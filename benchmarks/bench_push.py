@@ -33,7 +33,7 @@ import pandas as pd
 
 from audience_pipeline.destinations.json_batches import pack_batches
 from audience_pipeline.destinations.yesmail import YesmailClient, YesmailResource
-from audience_pipeline.sandbox import SandboxSettings
+from audience_pipeline.sandbox import SandboxServer, SandboxSettings
 from audience_pipeline.sandbox.server import serve_forever
 from audience_pipeline.validation import validate_file
 from benchmarks.bench_validate import DEFAULT_DATA_DIR, benchmark_mapping, ensure_file
@@ -105,7 +105,7 @@ def sandbox_process(settings: SandboxSettings, startup_timeout: float = 30.0) ->
         child.join(timeout=10)
 
 
-def _client(server: SandboxProcess, batch: int, in_flight: int) -> YesmailClient:
+def _client(server: SandboxProcess | SandboxServer, batch: int, in_flight: int) -> YesmailClient:
     resource = YesmailResource(
         base_url=server.vendor_url("yesmail"),
         api_user=USER,
@@ -147,7 +147,7 @@ async def _bare(url: str, bodies: list[bytes], in_flight: int) -> int:
         return sum(await asyncio.gather(*(post(b) for b in bodies)))
 
 
-def measure_bare(server: SandboxProcess, bodies: list[bytes], in_flight: int) -> float:
+def measure_bare(server: SandboxProcess | SandboxServer, bodies: list[bytes], in_flight: int) -> float:
     url = f"{server.vendor_url('yesmail')}/v2/target-lists/{LIST}/members/import"
     started = time.perf_counter()
     sent = asyncio.run(_bare(url, bodies, in_flight))
@@ -156,7 +156,9 @@ def measure_bare(server: SandboxProcess, bodies: list[bytes], in_flight: int) ->
     return seconds
 
 
-def measure_client(server: SandboxProcess, frame: pd.DataFrame, batch: int, in_flight: int) -> float:
+def measure_client(
+    server: SandboxProcess | SandboxServer, frame: pd.DataFrame, batch: int, in_flight: int
+) -> float:
     client = _client(server, batch, in_flight)
     try:
         started = time.perf_counter()
@@ -169,7 +171,15 @@ def measure_client(server: SandboxProcess, frame: pd.DataFrame, batch: int, in_f
 
 
 def run_benchmark(
-    rows: int, *, batch: int, in_flight: int, repeat: int, pace: float, seed: int, data_dir: Path
+    rows: int,
+    *,
+    batch: int,
+    in_flight: int,
+    repeat: int,
+    pace: float,
+    seed: int,
+    data_dir: Path,
+    sandbox: str = "process",
 ) -> dict[str, Any]:
     _log(f"loading {rows:,} validated rows")
     frame = load_rows(rows, seed, data_dir)
@@ -183,7 +193,8 @@ def run_benchmark(
     encode: list[float] = []
     bare: list[float] = []
     client: list[float] = []
-    with sandbox_process(settings) as server:
+    serving = sandbox_process(settings) if sandbox == "process" else SandboxServer(settings)
+    with serving as server:
         setup = _client(server, batch, in_flight)
         try:
             for _ in range(repeat):
@@ -210,6 +221,7 @@ def run_benchmark(
         "body_mb": round(body_bytes / 1e6, 1),
         "batch": batch,
         "in_flight": in_flight,
+        "sandbox": sandbox,
         "repeat": repeat,
         "encode_pack_seconds": round(statistics.median(encode), 3),
         "bare_seconds": round(bare_s, 3),
@@ -227,7 +239,8 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(
         [
             f"rows pushed           {r['rows']:>11,}  ({r['batches']} batches of <= {r['batch']}, "
-            f"{r['body_mb']} MB, {r['in_flight']} in flight, median of {r['repeat']})",
+            f"{r['body_mb']} MB, {r['in_flight']} in flight, median of {r['repeat']}, "
+            f"sandbox in a {r['sandbox']})",
             f"encode + pack         {r['encode_pack_seconds']:>11.3f} s",
             f"bare httpx loop       {r['bare_seconds']:>11.3f} s  {r['bare_rows_per_s']:>9,} rows/s",
             f"YesmailClient.submit  {r['client_seconds']:>11.3f} s  {r['client_rows_per_s']:>9,} rows/s",
@@ -244,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--pace", type=float, default=0.05, help="sandbox seconds per ticket state")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--sandbox",
+        choices=("process", "thread"),
+        default="process",
+        help="sandbox in its own process (like a remote vendor) or a thread of this one",
+    )
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--strict", action="store_true", help="exit 1 unless the ratio meets the target")
@@ -257,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         pace=args.pace,
         seed=args.seed,
         data_dir=args.data_dir,
+        sandbox=args.sandbox,
     )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 1 if args.strict and report["result"] != "PASS" else 0
