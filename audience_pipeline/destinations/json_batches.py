@@ -117,7 +117,8 @@ class _Quoted:
 
 def _objects(frame: pd.DataFrame, spec: Mapping[str, str | Mapping], rows: int) -> pa.Array:
     # A member is written '"key":value' when no earlier member of its row is present, else with a
-    # leading comma; absent members are ''. One join then builds every object in a single pass
+    # leading comma; absent members are ''. A member that is never absent is not joined on its
+    # own: its pieces go straight into the final join, which builds every object in one pass
     # over the output (binary_join_element_wise's null_handling="skip" would drop trailing
     # all-null rows in pyarrow 26, and cutting commas afterwards costs two more passes).
     parts: list[pa.Array] = []
@@ -136,9 +137,13 @@ def _objects(frame: pd.DataFrame, spec: Mapping[str, str | Mapping], rows: int) 
         else:
             q = '"' if quoted else ""
             prefix = pc.if_else(earlier, _s("," + name + q), _s(name + q))
-        pieces = (prefix, value.text, _s('"')) if isinstance(value, _Quoted) else (prefix, value)
-        parts.append(pc.fill_null(pc.binary_join_element_wise(*pieces, _EMPTY), _EMPTY))
-        present = pc.is_valid(value.text if isinstance(value, _Quoted) else value)
+        values = value.text if isinstance(value, _Quoted) else value
+        pieces = (prefix, values, _s('"')) if quoted else (prefix, values)
+        if values.null_count == 0:  # always present: its pieces go straight into the final join
+            parts.extend(pieces)
+        else:
+            parts.append(pc.fill_null(pc.binary_join_element_wise(*pieces, _EMPTY), _EMPTY))
+        present = pc.is_valid(values)
         earlier = present if earlier is None else pc.or_(earlier, present)
     if rows == 0 or not parts:
         return pa.array(["{}"] * rows, _STR)
