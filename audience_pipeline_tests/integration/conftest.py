@@ -35,6 +35,19 @@ DEMO_CSV = DEMO_FEEDS.parent / "incoming" / "employees_2026-11-01.csv"
 FEED = "all_staff_cxi"
 SETTINGS = SandboxSettings(pace_seconds=0.05, cxi_api_key=API_KEY)
 INGEST_TICKS = 3  # a file first seen mid-copy needs another listing before it is read
+DEMO_MAPPING = """\
+    mapping:
+      unique_id: Employee ID
+      email: Email
+      mobile_phone: Mobile Phone
+      first_name: First Name
+      last_name: Last Name
+      attributes:
+        department: Department
+        start_date: {header: Start Date, type: date}
+        office_city: Office City
+"""
+"""The demo feed's mapping of the sample export, indented for a feed in a test's feeds file."""
 
 
 @pytest.fixture

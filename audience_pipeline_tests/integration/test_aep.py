@@ -17,7 +17,7 @@ import pytest
 from audience_pipeline.cli import random_credentials
 from audience_pipeline.sandbox import SandboxSettings
 from audience_pipeline_tests.conftest import S3Server
-from audience_pipeline_tests.integration.conftest import DEMO_CSV, Pipeline, PipelineFactory
+from audience_pipeline_tests.integration.conftest import DEMO_CSV, DEMO_MAPPING, Pipeline, PipelineFactory
 from audience_pipeline_tests.integration.leaks import assert_not_leaked, event_text
 from benchmarks.generate_employees import generate
 
@@ -44,17 +44,7 @@ feeds:
   - name: staff_aep
     source: drop
     destination: aep
-    mapping:
-      unique_id: Employee ID
-      email: Email
-      mobile_phone: Mobile Phone
-      first_name: First Name
-      last_name: Last Name
-      attributes:
-        department: Department
-        start_date: {header: Start Date, type: date}
-        office_city: Office City
-    options:
+%(mapping)s    options:
       audience_name: All staff
       description: Every employee
       labels: [C1]
@@ -77,7 +67,9 @@ def aep_factory(
     monkeypatch.setenv("AEP_TEST_S3_SECRET", S3Server("").secret_access_key)
 
     def make(storage: str = DLZ) -> Pipeline:
-        return pipeline_factory(FEED, feeds_text=FEEDS % {"storage": storage}, register_secrets=True)
+        return pipeline_factory(
+            FEED, feeds_text=FEEDS % {"storage": storage, "mapping": DEMO_MAPPING}, register_secrets=True
+        )
 
     return make
 

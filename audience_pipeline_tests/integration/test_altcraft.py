@@ -15,7 +15,7 @@ import pytest
 
 from audience_pipeline.destinations.altcraft import MAX_REQUEST_BYTES
 from audience_pipeline.sandbox import SandboxSettings
-from audience_pipeline_tests.integration.conftest import DEMO_CSV, Pipeline, PipelineFactory
+from audience_pipeline_tests.integration.conftest import DEMO_CSV, DEMO_MAPPING, Pipeline, PipelineFactory
 from audience_pipeline_tests.integration.leaks import assert_not_leaked, event_text
 
 pytestmark = pytest.mark.integration
@@ -40,17 +40,7 @@ feeds:
     source: drop
     destination: ac
     max_rejection_rate: 0.05
-    mapping:
-      unique_id: Employee ID
-      email: Email
-      mobile_phone: Mobile Phone
-      first_name: First Name
-      last_name: Last Name
-      attributes:
-        department: Department
-        start_date: {{header: Start Date, type: date}}
-        office_city: Office City
-{notes}    options:
+{mapping}{notes}    options:
       trigger_id: 13
       matching: custom
       field_name: EMPLOYEE_ID
@@ -66,7 +56,9 @@ def sandbox_settings() -> SandboxSettings:
 def make_pipeline(pipeline_factory: PipelineFactory) -> Callable[..., Pipeline]:
     def make(*, notes: bool = False, options: str = "") -> Pipeline:
         extra = "".join(f"        {n}: {n.title()}\n" for n in NOTES) if notes else ""
-        text = FEEDS_YAML.format(feed=FEED, notes=extra, options=options or "      skip_triggers: false\n")
+        text = FEEDS_YAML.format(
+            feed=FEED, mapping=DEMO_MAPPING, notes=extra, options=options or "      skip_triggers: false\n"
+        )
         return pipeline_factory(FEED, feeds_text=text, report_timeout=30.0)
 
     return make

@@ -10,7 +10,7 @@ import pytest
 
 from audience_pipeline.sandbox import SandboxSettings
 from audience_pipeline.sandbox.apsis import SECTION
-from audience_pipeline_tests.integration.conftest import DEMO_CSV, Pipeline, PipelineFactory
+from audience_pipeline_tests.integration.conftest import DEMO_CSV, DEMO_MAPPING, Pipeline, PipelineFactory
 from audience_pipeline_tests.integration.leaks import assert_not_leaked, event_text
 from benchmarks.generate_employees import generate
 
@@ -35,17 +35,7 @@ feeds:
     source: drop
     destination: apsis
     max_rejection_rate: 0.05
-    mapping:
-      unique_id: Employee ID
-      email: Email
-      mobile_phone: Mobile Phone
-      first_name: First Name
-      last_name: Last Name
-      attributes:
-        department: Department
-        start_date: {{header: Start Date, type: date}}
-        office_city: Office City
-{extra_mapping}    options:
+{mapping}{extra_mapping}    options:
       section: {section}
       attributes: {{unique_id: Employee ID, department: Department, start_date: Start date,
                     office_city: Office city{extra_attributes}}}
@@ -68,6 +58,7 @@ def apsis_pipeline(pipeline_factory: PipelineFactory) -> Callable[..., Pipeline]
     def make(extra_options: str = "", extra_mapping: str = "", extra_attributes: str = "") -> Pipeline:
         text = FEEDS_YAML.format(
             feed=FEED,
+            mapping=DEMO_MAPPING,
             section=SECTION,
             extra_options=extra_options,
             extra_mapping=extra_mapping,

@@ -16,7 +16,7 @@ from audience_pipeline.sensors import files_settling, new_files_sensor_name, rep
 from audience_pipeline.sources import http_report
 from audience_pipeline.sources.base import hash_file, partition_key
 from audience_pipeline_tests.conftest import S3Server
-from audience_pipeline_tests.integration.conftest import DEMO_CSV, Pipeline, PipelineFactory
+from audience_pipeline_tests.integration.conftest import DEMO_CSV, DEMO_MAPPING, Pipeline, PipelineFactory
 from audience_pipeline_tests.integration.leaks import assert_not_leaked, event_text
 from audience_pipeline_tests.integration.test_pipeline import EXPECTED_REPORT
 from audience_pipeline_tests.sources.servers import (
@@ -30,20 +30,7 @@ from audience_pipeline_tests.sources.servers import (
 pytestmark = pytest.mark.integration
 
 FEED = "staff"
-MAPPING = """
-    mapping:
-      unique_id: Employee ID
-      email: Email
-      mobile_phone: Mobile Phone
-      first_name: First Name
-      last_name: Last Name
-      attributes:
-        department: Department
-        start_date: {header: Start Date, type: date}
-        office_city: Office City
-    options:
-      import_name: Staff from sources
-"""
+MAPPING = DEMO_MAPPING + "    options:\n      import_name: Staff from sources\n"
 DEMO_KEY = partition_key("employees.csv", hash_file(DEMO_CSV))
 CHANGED_CSV = DEMO_CSV.read_bytes().replace(b"Research &", b"R&D &")
 
