@@ -63,7 +63,6 @@ from audience_pipeline.destinations.aep_storage import (
     Storage,
     StorageOptions,
     StoredFile,
-    with_plain_headers,
 )
 from audience_pipeline.destinations.base import (
     ChunkJob,
@@ -497,7 +496,7 @@ class AepResource(dg.ConfigurableResource):
                 "Accept": "application/json",
             },
             timeout=self.timeout_seconds,
-            transport=with_plain_headers({"x-sandbox-name": self.sandbox_name}),
+            public_headers={"x-sandbox-name": self.sandbox_name},
         )
         client = AepClient(http, auth, parsed)
         if isinstance(parsed.storage, DlzStorageOptions):

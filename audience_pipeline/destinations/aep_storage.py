@@ -183,7 +183,8 @@ class LandingZone:
                 base,
                 secrets=[sas_uri, token],
                 timeout=self._timeout,
-                transport=with_plain_headers({"x-ms-blob-type": "BlockBlob"}, self._transport),
+                public_headers={"x-ms-blob-type": "BlockBlob"},
+                transport=self._transport,
                 error_parser=azure_error,
             ) as http,
             open(local, "rb") as body,
@@ -282,26 +283,3 @@ class S3Storage:
             size=int(head["ContentLength"]),
             base_connection_id=self.options.base_connection_id,
         )
-
-
-class _PlainHeaders(httpx.BaseTransport):
-    """Adds headers that are not credentials below :class:`VendorHTTP`, which would otherwise
-    register their values (``prod``, ``BlockBlob``) as secrets and mask those words in every log."""
-
-    def __init__(self, headers: Mapping[str, str], inner: httpx.BaseTransport) -> None:
-        self._headers = dict(headers)
-        self._inner = inner
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        for name, value in self._headers.items():
-            request.headers.setdefault(name, value)
-        return self._inner.handle_request(request)
-
-    def close(self) -> None:
-        self._inner.close()
-
-
-def with_plain_headers(
-    headers: Mapping[str, str], transport: httpx.BaseTransport | None = None
-) -> httpx.BaseTransport:
-    return _PlainHeaders(headers, transport or httpx.HTTPTransport())

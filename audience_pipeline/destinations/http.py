@@ -347,7 +347,9 @@ class VendorHTTP:
     """One vendor's ``httpx.Client`` with retries, readable errors and credential redaction.
 
     ``headers`` are the vendor's credentials: their values are redacted from every log line and
-    error, and they are sent only to ``base_url``'s origin, never to absolute URLs elsewhere
+    error, and they are sent only to ``base_url``'s origin, never to absolute URLs elsewhere.
+    ``public_headers`` (e.g. ``x-sandbox-name: prod``) are sent with every request but are not
+    secrets, so their values are not masked in logs
     (a presigned S3 upload rejects a second auth mechanism, and must not see our API key).
     Constructing one also installs log redaction on the ``httpx`` logger, whose own request
     line would otherwise print presigned/SAS signatures.
@@ -359,6 +361,7 @@ class VendorHTTP:
         base_url: str,
         *,
         headers: Mapping[str, str] | None = None,
+        public_headers: Mapping[str, str] | None = None,
         secrets: Iterable[str] = (),
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
@@ -378,7 +381,8 @@ class VendorHTTP:
         self.add_secrets(*secrets)
         for name, value in headers.items():
             self.add_secrets(*_header_secrets(name, value))
-        self._client = httpx.Client(base_url=base_url, headers=headers, timeout=timeout, transport=transport)
+        sent = {**(public_headers or {}), **headers}
+        self._client = httpx.Client(base_url=base_url, headers=sent, timeout=timeout, transport=transport)
         base = self._client.base_url
         self._origin = (base.scheme, base.host, base.port)
         install_log_redaction(("httpx",))

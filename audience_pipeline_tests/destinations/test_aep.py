@@ -19,7 +19,7 @@ import pytest
 
 from audience_pipeline.destinations import aep
 from audience_pipeline.destinations.aep import VENDOR, AepClient, AepOptions, ImsAuth
-from audience_pipeline.destinations.aep_storage import DlzStorageOptions, LandingZone, with_plain_headers
+from audience_pipeline.destinations.aep_storage import DlzStorageOptions, LandingZone
 from audience_pipeline.destinations.base import JobState
 from audience_pipeline.destinations.http import RetryPolicy, VendorAuthError, VendorHTTP
 from audience_pipeline.feeds.loader import FeedsFileError, load_feeds
@@ -124,7 +124,8 @@ def make_client(fake: FakeAep, sleeps: list[float] | None = None, **options: Any
         VENDOR,
         BASE,
         headers={"x-api-key": CLIENT_ID, "x-gw-ims-org-id": ORG},
-        transport=with_plain_headers({"x-sandbox-name": "prod"}, transport),
+        public_headers={"x-sandbox-name": "prod"},
+        transport=transport,
         retry=RetryPolicy(attempts=1),
     )
     defaults: dict[str, Any] = {"poll_interval_seconds": 0.5, "run_wait_seconds": 10}

@@ -125,6 +125,17 @@ def test_success_sends_credentials_and_logs_one_info_line(
     assert message.endswith(" ms (attempt 1/5)")
 
 
+def test_public_headers_are_sent_but_never_masked(make_client: Callable[..., VendorHTTP]) -> None:
+    vendor = FakeVendor(httpx.Response(200, json={}))
+    client = make_client(vendor, public_headers={"x-sandbox-name": "prod"})
+
+    client.json("GET", "/audience-imports")
+
+    (request,) = vendor.requests
+    assert request.headers["x-sandbox-name"] == "prod" and request.headers["X-API-Key"] == API_KEY
+    assert client.redact("sandbox prod, key " + API_KEY) == "sandbox prod, key ***"
+
+
 def test_json_returns_none_for_empty_body(make_client: Callable[..., VendorHTTP]) -> None:
     client = make_client(FakeVendor(httpx.Response(204)))
     assert client.json("DELETE", "audience-imports/imp-1") is None
