@@ -45,10 +45,6 @@ def options_model(config: DestinationConfig) -> type[BaseModel]:
     return _entry(config)[0]
 
 
-def vendor_of(config: DestinationConfig) -> str:
-    return config.type
-
-
 def config_value(value: str | SecretRef) -> str | dg.EnvVar:
     """``${VAR}`` references reach resources as ``EnvVar``: resolved late, hidden in the UI."""
     return dg.EnvVar(value.env_var) if isinstance(value, SecretRef) else value
