@@ -218,7 +218,7 @@ class AltcraftClient:
         head_bytes = head.removesuffix("]}").encode("utf-8")
         return encode_in_slices(
             rows,
-            lambda part: encode_records(part, spec),
+            lambda part: encode_records(part, spec, trailing_comma=True),
             head=head_bytes,
             tail=b"]}",
             max_rows=self.max_profiles,

@@ -444,7 +444,8 @@ class VendorHTTP:
         }
         request_headers = httpx.Headers(httpx_kwargs.get("headers"))
         for name, value in request_headers.items():
-            self.add_secrets(*_header_secrets(name, value))
+            if name not in _NON_SECRET_HEADERS:
+                self.add_secrets(*_header_secrets(name, value))
         auth = send_kwargs.get("auth")
         if isinstance(auth, tuple) and len(auth) == 2:
             self.add_secrets(str(auth[1]))
@@ -462,7 +463,8 @@ class VendorHTTP:
                 outcome.error = exc
             else:
                 outcome.retry_after = retry_after_seconds(outcome.response)
-            self._log_attempt(outcome, (time.perf_counter() - started) * 1000)
+            if logger.isEnabledFor(logging.INFO):
+                self._log_attempt(outcome, (time.perf_counter() - started) * 1000)
             return outcome
 
         def should_retry(outcome: _Attempt) -> bool:
@@ -475,15 +477,25 @@ class VendorHTTP:
                 return False
             return idempotent or status in _NOT_PROCESSED_STATUSES
 
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.retry.attempts),
-            retry=tenacity.retry_if_result(should_retry),
-            wait=self._wait,
-            sleep=self._sleep,
-            before_sleep=self._log_retry,
-            retry_error_callback=_outcome_of,
-        )
-        outcome: _Attempt = retrying(attempt)
+        # Most calls succeed at once: tenacity's machinery (a few tens of microseconds, paid under
+        # the GIL by every concurrent sender) only starts once a first attempt asks for a retry,
+        # and then replays that attempt as its own first so counting and waits are unchanged.
+        outcome = attempt()
+        if should_retry(outcome) and self.retry.attempts > 1:
+            first: list[_Attempt] = [outcome]
+
+            def first_then_attempt() -> _Attempt:
+                return first.pop() if first else attempt()
+
+            retrying = tenacity.Retrying(
+                stop=tenacity.stop_after_attempt(self.retry.attempts),
+                retry=tenacity.retry_if_result(should_retry),
+                wait=self._wait,
+                sleep=self._sleep,
+                before_sleep=self._log_retry,
+                retry_error_callback=_outcome_of,
+            )
+            outcome = retrying(first_then_attempt)
         if outcome.error is not None:
             raise self._connection_error(outcome, idempotent) from None
         response = outcome.response

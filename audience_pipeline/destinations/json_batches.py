@@ -73,7 +73,7 @@ def _needs_escape(values: pa.Array) -> bool:
     """Whether any value holds a quote, a backslash or a control character: one numpy pass over
     the bytes (a regex kernel over a million short strings costs several times more)."""
     data = _text_bytes(values)
-    return bool(((data < 0x20) | (data == 0x22) | (data == 0x5C)).any())
+    return len(data) > 0 and bool(data.min() < 0x20 or (data == 0x22).any() or (data == 0x5C).any())
 
 
 def _escape(values: pa.Array) -> pa.Array:
@@ -115,7 +115,7 @@ class _Quoted:
         self.text = text
 
 
-def _objects(frame: pd.DataFrame, spec: Mapping[str, str | Mapping], rows: int) -> pa.Array:
+def _objects(frame: pd.DataFrame, spec: Mapping[str, str | Mapping], rows: int, close: str = "}") -> pa.Array:
     # A member is written '"key":value' when no earlier member of its row is present, else with a
     # leading comma; absent members are ''. A member that is never absent is not joined on its
     # own: its pieces go straight into the final join, which builds every object in one pass
@@ -146,11 +146,26 @@ def _objects(frame: pd.DataFrame, spec: Mapping[str, str | Mapping], rows: int) 
         present = pc.is_valid(values)
         earlier = present if earlier is None else pc.or_(earlier, present)
     if rows == 0 or not parts:
-        return pa.array(["{}"] * rows, _STR)
-    return pc.binary_join_element_wise(_s("{"), *parts, _s("}"), _EMPTY)
+        return pa.array(["{" + close] * rows, _STR)
+    return _join([_s("{"), *parts, _s(close)])
 
 
-def encode_records(frame: pd.DataFrame, spec: Mapping[str, str | Mapping]) -> pa.Array:
+def _join(pieces: list[pa.Array | pa.Scalar]) -> pa.Array:
+    """Concatenate row-wise. The kernel's cost grows with the number of pieces, so constant
+    pieces side by side (a closing quote and the next key) are merged first: 17 pieces instead
+    of 25 for a Yesmail member, a third less time in the largest step of the encoding."""
+    merged: list[pa.Array | pa.Scalar] = []
+    for piece in pieces:
+        if isinstance(piece, pa.Scalar) and merged and isinstance(merged[-1], pa.Scalar):
+            merged[-1] = _s(merged[-1].as_py() + piece.as_py())
+        else:
+            merged.append(piece)
+    return pc.binary_join_element_wise(*merged, _EMPTY)
+
+
+def encode_records(
+    frame: pd.DataFrame, spec: Mapping[str, str | Mapping], *, trailing_comma: bool = False
+) -> pa.Array:
     """One compact JSON object per row (pyarrow large_string array), built from columns with
     pyarrow compute (no row-by-row to_dict / json.dumps over a million rows). `spec` maps a JSON
     key to a frame column name, or to a nested spec for a nested object. Null or empty cells are
@@ -159,8 +174,11 @@ def encode_records(frame: pd.DataFrame, spec: Mapping[str, str | Mapping]) -> pa
 
     Strings are written as UTF-8, not ``\\uXXXX`` (``ensure_ascii=False``); integer and boolean
     columns become JSON numbers and booleans, non-finite floats are left out.
+
+    ``trailing_comma=True`` ends every object with ``,`` in the same pass, so the array's data
+    buffer is already the comma-joined list that :func:`pack_batches` slices request bodies from.
     """
-    return _objects(frame, spec, len(frame))
+    return _objects(frame, spec, len(frame), close="}," if trailing_comma else "}")
 
 
 def _batch_ends(lengths: np.ndarray, room: int, max_rows: int, first_row: int) -> Iterator[tuple[int, int]]:
@@ -189,6 +207,7 @@ def pack_batches(
     max_rows: int,
     max_bytes: int,
     first_row: int = 0,
+    trailing_comma: bool = False,
 ) -> Iterator[Batch]:
     """body = head + b",".join(records[i:j]) + tail, with at most max_rows records and
     len(body) <= max_bytes, measured from the encoded byte lengths (not guessed). A single record
@@ -196,7 +215,9 @@ def pack_batches(
     head=b'{"token":"...","data":[' tail=b']}' (the caller keeps secrets out of logs).
 
     Cuts are computed up front (so an oversized row fails before anything is sent); bodies are
-    built lazily, one per ``next()``.
+    built lazily, one per ``next()``. With ``trailing_comma=True`` every record already ends with
+    its comma (``encode_records(..., trailing_comma=True)``), which saves a pass over all bytes;
+    the batches' ``records`` keep that form.
     """
     if max_rows < 1:
         raise ValueError(f"max_rows must be at least 1, got {max_rows}")
@@ -206,7 +227,9 @@ def pack_batches(
         raise ValueError("records must not contain nulls")
     # Every record followed by a comma, in one contiguous buffer: a batch's payload is then a plain
     # slice of that buffer (minus its last comma), with no per-batch join kernel.
-    binary = pc.binary_join_element_wise(records.cast(pa.large_binary()), _COMMA, _COMMA_SEPARATOR)
+    binary = records.cast(pa.large_binary())
+    if not trailing_comma:
+        binary = pc.binary_join_element_wise(binary, _COMMA, _COMMA_SEPARATOR)
     offsets = np.frombuffer(binary.buffers()[1], dtype=np.int64)[
         binary.offset : binary.offset + len(binary) + 1
     ]
@@ -236,6 +259,9 @@ def encode_in_slices(
 ) -> Iterator[Batch]:
     """:func:`pack_batches` over ``encode(frame)``, encoded a slice of rows at a time.
 
+    ``encode`` must end every record with a comma (``encode_records(..., trailing_comma=True)``):
+    the encoded slice is then sent as it is, without another pass to join it.
+
     Fed to :func:`send_concurrently`, the first requests are on the wire while later rows are
     still being encoded: the next slice is encoded in a helper thread (pyarrow's kernels release
     the GIL) while the current one's batches are sent.
@@ -252,7 +278,13 @@ def encode_in_slices(
             if i + 1 < len(starts):  # the next slice encodes while this one's batches are sent
                 upcoming.append(encoder.submit(encode, frame.iloc[starts[i + 1] : starts[i + 1] + step]))
             yield from pack_batches(
-                records, head=head, tail=tail, max_rows=max_rows, max_bytes=max_bytes, first_row=start
+                records,
+                head=head,
+                tail=tail,
+                max_rows=max_rows,
+                max_bytes=max_bytes,
+                first_row=start,
+                trailing_comma=True,
             )
 
 

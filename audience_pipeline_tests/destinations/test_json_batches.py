@@ -86,6 +86,8 @@ def test_random_nasty_strings_round_trip_like_json_dumps(seed: int) -> None:
         assert json.loads(text) == expected
         # Same text as json.dumps in compact, UTF-8 form: key order kept, nothing extra.
         assert text == json.dumps(expected, ensure_ascii=False, separators=(",", ":"))
+    terminated = encode_records(frame, spec, trailing_comma=True).to_pylist()
+    assert terminated == [text + "," for text in encoded]
 
 
 def test_control_characters_use_json_dumps_escapes() -> None:
@@ -101,6 +103,8 @@ def test_nulls_empties_and_missing_members() -> None:
     encoded = encode_records(frame, {"a": "a", "b": "b", "n": {"a": "a"}}).to_pylist()
     assert encoded == ['{"n":{}}', '{"n":{}}', '{"a":"x","n":{"a":"x"}}', '{"b":"y","n":{}}']
     assert encode_records(frame, {"a": "a", "b": "b"}).to_pylist() == ["{}", "{}", '{"a":"x"}', '{"b":"y"}']
+    assert encode_records(frame, {"b": "b"}, trailing_comma=True).to_pylist()[0] == "{},"
+    assert encode_records(frame, {}, trailing_comma=True).to_pylist() == ["{},"] * 4
 
 
 def test_numbers_and_booleans_are_json_scalars() -> None:
@@ -146,6 +150,21 @@ def test_pack_batches_respects_limits_and_keeps_every_row(max_rows: int, max_byt
         decoded += data
         position += batch.row_count
     assert decoded == [json.loads(r) for r in records.to_pylist()]
+
+    # Records that already end with their comma are cut and wrapped into the very same bodies.
+    terminated = pa.array([r + "," for r in records.to_pylist()], pa.large_string())
+    again = pack_batches(
+        terminated,
+        head=head,
+        tail=tail,
+        max_rows=max_rows,
+        max_bytes=max_bytes,
+        first_row=10,
+        trailing_comma=True,
+    )
+    assert [(b.first_row, b.row_count, b.body) for b in again] == [
+        (b.first_row, b.row_count, b.body) for b in batches
+    ]
 
 
 def test_pack_batches_is_greedy_and_exact_at_the_byte_limit() -> None:

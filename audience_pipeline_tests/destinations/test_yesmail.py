@@ -159,6 +159,20 @@ def test_members_payload_batches_and_response_ref() -> None:
     assert handle.extra["ticket_url"] == f"{BASE}/v2/tickets/{{id}}"
 
 
+@pytest.mark.parametrize(
+    ("ids", "expected"),
+    [
+        (["a@x.com", "b@y.org"], ["a@x.com", "b@y.org"]),  # already lower case: sent as they are
+        (["Mixed.Case@X.com", "EMP-01"], ["mixed.case@x.com", "EMP-01"]),  # only emails are lowered
+        (["ÜNÏ@Ëx.com", "ÄBC"], ["ünï@ëx.com", "ÄBC"]),  # non-ASCII takes the Unicode path
+    ],
+)
+def test_member_ids_lower_case_emails_only(ids: list[str], expected: list[str]) -> None:
+    client = _client(FakeYesmail(), attributes={})
+    members = [json.loads(m) for m in client.members(_rows(ids)).to_pylist()]
+    assert [m["id"] for m in members] == expected
+
+
 def test_status_follows_tickets_and_outcome_maps_indexes_to_rows() -> None:
     fake = FakeYesmail(running_polls=1)
     client = _client(fake, per_request=3)
