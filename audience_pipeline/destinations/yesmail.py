@@ -58,6 +58,7 @@ from audience_pipeline.destinations.json_batches import (
     Batch,
     encode_in_slices,
     encode_records,
+    is_ascii,
     pack_batches,
     send_concurrently,
 )
@@ -140,14 +141,15 @@ class YesmailClient:
 
     def members(self, rows: pd.DataFrame, *, trailing_comma: bool = False) -> pa.Array:
         """One JSON member per row: the id (lower-cased when it is an email) plus attributes."""
-        ids = _lower_emails(pa.array(rows[self.options.id_field], from_pandas=True))
-        frame = pd.DataFrame({"id": pd.Series(pd.arrays.ArrowExtensionArray(ids), index=rows.index)})
+        columns: dict[str, pa.Array | pd.Series] = {
+            "id": _lower_emails(pa.array(rows[self.options.id_field], from_pandas=True))
+        }
         spec: dict[str, str] = {"id": "id"}
         for name, column in self.options.attributes.items():
             if column in rows.columns:
-                frame[f"attr:{name}"] = rows[column]
+                columns[f"attr:{name}"] = rows[column]
                 spec[name] = f"attr:{name}"
-        return encode_records(frame, spec, trailing_comma=trailing_comma)
+        return encode_records(columns, spec, trailing_comma=trailing_comma)
 
     def _envelope(self) -> tuple[bytes, bytes]:
         head = json.dumps(
@@ -370,8 +372,7 @@ def _lower_emails(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
     ids = ids.cast(pa.large_string())
     if isinstance(ids, pa.ChunkedArray):
         ids = ids.combine_chunks()
-    ascii_only = pc.all(pc.string_is_ascii(ids)).as_py() is not False
-    lowered = pc.ascii_lower(ids) if ascii_only else pc.utf8_lower(ids)
+    lowered = pc.ascii_lower(ids) if is_ascii(ids) else pc.utf8_lower(ids)
     if lowered.equals(ids):
         return ids
     return pc.if_else(pc.fill_null(pc.match_substring(ids, "@"), False), lowered, ids)

@@ -17,7 +17,13 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from audience_pipeline.destinations.json_batches import Batch, encode_records, pack_batches, send_concurrently
+from audience_pipeline.destinations.json_batches import (
+    Batch,
+    encode_records,
+    is_ascii,
+    pack_batches,
+    send_concurrently,
+)
 
 NASTY = [
     '"',
@@ -105,6 +111,29 @@ def test_nulls_empties_and_missing_members() -> None:
     assert encode_records(frame, {"a": "a", "b": "b"}).to_pylist() == ["{}", "{}", '{"a":"x"}', '{"b":"y"}']
     assert encode_records(frame, {"b": "b"}, trailing_comma=True).to_pylist()[0] == "{},"
     assert encode_records(frame, {}, trailing_comma=True).to_pylist() == ["{},"] * 4
+
+
+def test_empty_cells_are_left_out_with_or_without_nulls_and_in_slices() -> None:
+    no_nulls = pd.DataFrame({"a": _strings(["", "x", "y", ""])})
+    assert encode_records(no_nulls, {"a": "a"}).to_pylist() == ["{}", '{"a":"x"}', '{"a":"y"}', "{}"]
+    assert encode_records(no_nulls.iloc[1:3], {"a": "a"}).to_pylist() == ['{"a":"x"}', '{"a":"y"}']
+    assert encode_records(no_nulls.iloc[2:], {"a": "a"}).to_pylist() == ['{"a":"y"}', "{}"]
+
+
+def test_is_ascii_reads_only_the_values_of_a_slice() -> None:
+    values = pa.array(["abc", None, "é", "xyz"], pa.large_string())
+    assert not is_ascii(values)
+    assert is_ascii(values.slice(0, 2)) and is_ascii(values.slice(3))
+    assert is_ascii(pa.array([], pa.large_string())) and is_ascii(pa.array([None], pa.string()))
+
+
+def test_named_arrays_encode_like_a_frame() -> None:
+    frame = pd.DataFrame({"a": _strings(["x", None]), "n": [1, 2]})
+    columns = {"a": pa.array(["x", None], pa.large_string()), "n": frame["n"]}
+    assert encode_records(columns, {"a": "a", "n": "n"}).to_pylist() == ['{"a":"x","n":1}', '{"n":2}']
+    assert encode_records(frame, {"a": "a", "n": "n"}).to_pylist() == ['{"a":"x","n":1}', '{"n":2}']
+    with pytest.raises(ValueError, match="differ in length"):
+        encode_records({"a": columns["a"], "b": pa.array(["y"])}, {"a": "a"})
 
 
 def test_numbers_and_booleans_are_json_scalars() -> None:
