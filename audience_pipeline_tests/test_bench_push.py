@@ -27,4 +27,5 @@ def test_bench_push_cli_emits_json(tmp_path: Path) -> None:
     # The target is judged against the faster bare loop.
     assert abs(report["ratio"] - report["client_rows_per_s"] / bare) < 0.01
     assert report["ratio"] <= min(report["ratio_to_async"], report["ratio_to_threads"]) + 0.001
+    assert report["encode_then_bare_rows_per_s"] > 0
     assert report["result"] in {"PASS", "FAIL"}
