@@ -159,6 +159,17 @@ def test_members_payload_batches_and_response_ref() -> None:
     assert handle.extra["ticket_url"] == f"{BASE}/v2/tickets/{{id}}"
 
 
+def test_response_uri_and_ref_travel_in_the_query_string_intact() -> None:
+    fake = FakeYesmail()
+    hook = "https://hooks.example/yesmail?feed=all staff&k=a/b"
+    client = _client(fake, response_uri=hook)
+
+    client.submit(_rows(["a@x.com", "b@x.com"]), feed="all_staff", partition="hr/2026-11 staff.csv@9f")
+
+    (post,) = fake.posts
+    assert post["params"] == {"responseRef": "all_staff:hr/2026-11 staff.csv@9f:0", "responseUri": hook}
+
+
 @pytest.mark.parametrize(
     ("ids", "expected"),
     [
