@@ -333,9 +333,11 @@ def send_concurrently(send: Callable[[Batch], T], batches: Iterable[Batch], *, m
     raised after in-flight sends finish, and no new batch starts after a failure.
 
     ``batches`` is consumed lazily, so a generator of bodies never holds more than
-    ``max_in_flight`` of them (plus one being built) in memory. Each sender thread takes its next
-    batch itself as soon as its request ends: handing batches out from a coordinating thread
-    would cost two thread wake-ups per request, which shows at a thousand requests a second.
+    ``max_in_flight`` of them (plus one being built) in memory. Each sender takes its next batch
+    itself as soon as its request ends: handing batches out from a coordinating thread would cost
+    two thread wake-ups per request, which shows at a thousand requests a second. The calling
+    thread is one of the senders, so an interrupt delivered to it (Ctrl-C, Dagster terminating the
+    run) stops the others from starting new batches like any failed send.
     """
     if max_in_flight < 1:
         raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
@@ -343,6 +345,10 @@ def send_concurrently(send: Callable[[Batch], T], batches: Iterable[Batch], *, m
     lock = threading.Lock()  # guards `source` (a generator is not thread-safe) and `errors`
     results: dict[int, T] = {}
     errors: list[BaseException] = []
+
+    def fail(exc: BaseException) -> None:
+        with lock:
+            errors.append(exc)
 
     def sender() -> None:
         while True:
@@ -359,13 +365,20 @@ def send_concurrently(send: Callable[[Batch], T], batches: Iterable[Batch], *, m
             try:
                 results[index] = send(batch)
             except BaseException as exc:
-                with lock:
-                    errors.append(exc)
+                fail(exc)
                 return
 
-    with ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="json-batch") as pool:
-        for future in [pool.submit(sender) for _ in range(max_in_flight)]:
-            future.result()
+    with ThreadPoolExecutor(max_workers=max(max_in_flight - 1, 1), thread_name_prefix="json-batch") as pool:
+        helpers = [pool.submit(sender) for _ in range(max_in_flight - 1)]
+        try:
+            sender()
+            for helper in helpers:
+                helper.result()
+        except BaseException as exc:  # interrupted while waiting for the helpers
+            fail(exc)
+    close = getattr(batches, "close", None)
+    if callable(close):
+        close()  # a generator's own helper threads end now, not at garbage collection
     if errors:
         raise errors[0]
     return [results[i] for i in range(len(results))]

@@ -260,6 +260,44 @@ def test_send_concurrently_stops_starting_batches_after_a_failure() -> None:
     assert max(started) <= 5 + 3  # only batches already started (or racing in) ran
 
 
+def test_an_interrupt_in_the_calling_thread_stops_every_sender() -> None:
+    started: list[int] = []
+    lock = threading.Lock()
+    caller = threading.current_thread()
+
+    def send(batch: Batch) -> int:
+        with lock:
+            started.append(batch.first_row)
+            count = len(started)
+        if threading.current_thread() is caller and count >= 10:
+            raise KeyboardInterrupt  # what Ctrl-C or a terminated Dagster run raises here
+        time.sleep(0.005)
+        return batch.first_row
+
+    with pytest.raises(KeyboardInterrupt):
+        send_concurrently(send, _batches(500), max_in_flight=4)
+    assert len(started) < 50  # the other senders finished their request and took no more
+
+
+def test_send_concurrently_closes_a_generator_source() -> None:
+    closed = False
+
+    def source() -> Iterator[Batch]:
+        nonlocal closed
+        try:
+            yield from _batches(3)
+            yield from _batches(3)
+        finally:
+            closed = True
+
+    def send(batch: Batch) -> None:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        send_concurrently(send, source(), max_in_flight=2)
+    assert closed
+
+
 def test_send_concurrently_pulls_batches_lazily() -> None:
     produced = 0
     lock = threading.Lock()
