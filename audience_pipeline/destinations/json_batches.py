@@ -1,11 +1,12 @@
 """JSON request bodies for vendors that take rows as JSON batches (Yesmail, Altcraft).
 
 A million rows through ``to_dict("records")`` + ``json.dumps`` costs 20 s or more (PERF-NOTES);
-here each row's JSON object is assembled column-wise with pyarrow compute kernels, batches are
-cut from the encoded byte lengths (so a vendor's size limit is met exactly, never guessed) and
-joined by one kernel call per batch. ``send_concurrently`` pushes batches through the
-thread-safe sync HTTP client with a bounded number in flight, pulling batches lazily so only
-those in flight are held in memory.
+here each row's JSON object, comma included, is assembled column-wise by one pyarrow join, so the
+encoded buffer already is the comma-separated member list. Batches are cut from the encoded byte
+lengths (a vendor's size limit is met exactly, never guessed) as slices of that buffer between
+the envelope's head and tail. ``send_concurrently`` pushes batches through the thread-safe sync
+HTTP client with a bounded number in flight (threads beat an ``AsyncClient`` on CPU per request
+here), pulling batches lazily so only those in flight are held in memory.
 """
 
 from __future__ import annotations
