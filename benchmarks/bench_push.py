@@ -141,11 +141,17 @@ def serialise(client: YesmailClient, frame: pd.DataFrame, batch: int) -> tuple[l
     return bodies, time.perf_counter() - started
 
 
+def _bare_client_options(in_flight: int) -> dict[str, Any]:
+    """What every bare loop's httpx client is built with: the account headers and one pooled
+    connection per request in flight."""
+    limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
+    headers = {"Api-User": USER, "Api-Key": KEY, "Content-Type": "application/json"}
+    return {"headers": headers, "limits": limits, "timeout": 60}
+
+
 async def _bare(url: str, bodies: list[bytes], in_flight: int) -> int:
     gate = asyncio.Semaphore(in_flight)
-    headers = {"Api-User": USER, "Api-Key": KEY, "Content-Type": "application/json"}
-    limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
-    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=60) as client:
+    async with httpx.AsyncClient(**_bare_client_options(in_flight)) as client:
 
         async def post(body: bytes) -> int:
             async with gate:
@@ -158,9 +164,7 @@ async def _bare(url: str, bodies: list[bytes], in_flight: int) -> int:
 
 
 def _bare_threads(url: str, bodies: list[bytes], in_flight: int) -> int:
-    headers = {"Api-User": USER, "Api-Key": KEY, "Content-Type": "application/json"}
-    limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
-    with httpx.Client(headers=headers, limits=limits, timeout=60) as client:
+    with httpx.Client(**_bare_client_options(in_flight)) as client:
 
         def post(body: bytes) -> int:
             response = client.post(url, content=body)
@@ -191,9 +195,7 @@ def measure_encode_then_bare(
     encoder = _client(server, batch, in_flight)
     head, tail = encoder._envelope()
     url = f"{server.vendor_url('yesmail')}/v2/target-lists/{LIST}/members/import"
-    headers = {"Api-User": USER, "Api-Key": KEY, "Content-Type": "application/json"}
-    limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
-    with httpx.Client(headers=headers, limits=limits, timeout=60) as http:
+    with httpx.Client(**_bare_client_options(in_flight)) as http:
         started = time.perf_counter()
         batches = encode_in_slices(
             frame,

@@ -270,9 +270,7 @@ def pack_batches(
     binary = records.cast(pa.large_binary())
     if not trailing_comma:
         binary = pc.binary_join_element_wise(binary, _COMMA, _COMMA_SEPARATOR)
-    offsets = np.frombuffer(binary.buffers()[1], dtype=np.int64)[
-        binary.offset : binary.offset + len(binary) + 1
-    ]
+    offsets = _offsets(binary)
     data = memoryview(binary.buffers()[2] or b"")
     lengths = np.diff(offsets) - 1
     room = max_bytes - len(head) - len(tail)
