@@ -27,6 +27,8 @@ class JobState(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    UNKNOWN = "unknown"
+    """A status word the client does not know: not terminal, logged by name, ends at the time limit."""
 
     @property
     def terminal(self) -> bool:
@@ -109,10 +111,50 @@ class JobOutcome:
         return self.submitted - len(self.failures)
 
 
+@dataclass(frozen=True)
+class SubmitIntent:
+    """Written to the instance before a submit that is not idempotent, so that a retry whose
+    earlier attempt ended without an answer (connection lost, process killed) asks the vendor
+    what happened before it sends the file again.
+
+    ``recorded_at`` is epoch seconds just before the request left; ``known_job_ids`` are the
+    vendor jobs this pipeline already recorded for the same target, which can never be the lost one.
+    """
+
+    feed: str
+    partition: str
+    sha256: str
+    attempt: int
+    recorded_at: float
+    rows: int
+    known_job_ids: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Reconciliation:
+    """What the vendor says about an earlier submit whose outcome is unknown.
+
+    ``handle``: the import that submit created; adopt it instead of sending the file again.
+    ``certain``: the vendor's API can tell (``handle is None`` then means "nothing arrived").
+    When not certain, the pipeline sends again and the report says a duplicate was not excluded.
+    """
+
+    handle: JobHandle | None
+    certain: bool
+    detail: str
+
+
+def cannot_reconcile(vendor: str, why: str) -> Reconciliation:
+    """For vendors whose documents offer no lookup of earlier imports."""
+    return Reconciliation(handle=None, certain=False, detail=f"{vendor}: {why}")
+
+
 class Destination(Protocol):
     vendor: ClassVar[str]
 
     def submit(self, rows: pd.DataFrame, *, feed: str, partition: str) -> JobHandle: ...
+
+    def reconcile(self, intent: SubmitIntent, rows: pd.DataFrame) -> Reconciliation: ...
 
     def status(self, handle: JobHandle) -> JobStatus: ...
 
@@ -145,6 +187,8 @@ def combine_states(states: list[JobState]) -> JobState:
         return JobState.SUCCEEDED
     if all(s.terminal for s in states):
         return JobState.FAILED
+    if any(s is JobState.UNKNOWN for s in states):
+        return JobState.UNKNOWN
     if any(s is not JobState.PENDING for s in states):
         return JobState.RUNNING
     return JobState.PENDING
