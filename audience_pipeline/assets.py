@@ -3,16 +3,27 @@
 ``hr_file -> validated_rows (+ rejected_rows) -> import_job -> failure_report``. The blocking
 rejection-rate check stops a broken export before anything is pushed; the accounting check on
 the report proves every source row was imported, rejected or failed.
+
+``import_job`` sends a file at most once, whoever starts the run (sensor, retry, ``sync``, UI):
+under a lock per destination it reuses a handle already recorded for the partition, else
+records its intent (an ``AssetObservation``) before the non-idempotent submit and the handle
+right after it. A retry that finds an intent without a handle does not know whether the vendor
+got the file, so it asks the vendor (``Destination.reconcile``) and adopts the import found
+there; where the vendor's API cannot tell, it sends again and the report says a duplicate could
+not be excluded. Failures that only a new file can fix are ``dg.Failure`` tagged ``refused``,
+so the retry sensor leaves them alone.
 """
 
+import time
 from collections.abc import Iterator
 
 import dagster as dg
 import pandas as pd
 
 from audience_pipeline.csv_reader import CsvFileError
-from audience_pipeline.destinations.base import JobHandle, JobOutcome
+from audience_pipeline.destinations.base import JobHandle, JobOutcome, SubmitIntent, every_row
 from audience_pipeline.feeds.model import Feed, FeedsFile
+from audience_pipeline.locks import held
 from audience_pipeline.normalize import MappingError
 from audience_pipeline.reports import (
     REPORT_COLUMNS,
@@ -22,12 +33,24 @@ from audience_pipeline.reports import (
     write_report,
 )
 from audience_pipeline.sources.base import StagedFile, split_partition_key, stage_or_reuse
+from audience_pipeline.tags import (
+    ATTEMPT_TAG,
+    FINAL_DETAIL_TAG,
+    FINAL_STATE_TAG,
+    IMPORT_TAG,
+    OUTCOME_METADATA,
+    POLL_GAVE_UP,
+)
 from audience_pipeline.validation import ValidationResult, validate_for_feed
 
 IO_MANAGER_KEY = "audience_io_manager"
 STORAGE_KEY = "pipeline_storage"
 REJECTION_CHECK = "rejection_rate_within_threshold"
 ACCOUNTING_CHECK = "row_accounting_adds_up"
+INTENT_KEY = "submit_intent"
+SUBMITTED_KEY = "submitted_handle"
+SUBMIT_LOCK_SECONDS = 3600.0
+REFUSED = {OUTCOME_METADATA: "refused"}
 
 
 class FeedKeys:
@@ -106,6 +129,7 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
                     f"expects {short_hash}…); the new content arrives as a new partition."
                 ),
                 allow_retries=False,
+                metadata=REFUSED,
             )
         context.add_output_metadata(
             {"sha256": staged.sha256, "size_bytes": staged.size, "source": source.describe()}
@@ -144,7 +168,7 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
         try:
             result = validate_for_feed(hr_file.path, feed)
         except (CsvFileError, MappingError) as exc:
-            raise dg.Failure(description=str(exc), allow_retries=False) from None
+            raise dg.Failure(description=str(exc), allow_retries=False, metadata=REFUSED) from None
         rate = result.rejection_rate
         as_report = result.rejects.assign(stage="validation", outcome="rejected")[REPORT_COLUMNS]
         storage = getattr(context.resources, STORAGE_KEY)
@@ -183,7 +207,7 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
         ins={"validated_rows": dg.AssetIn(key=keys.validated_rows)},
         kinds={keys.vendor},
         io_manager_key=IO_MANAGER_KEY,
-        required_resource_keys={keys.destination_resource},
+        required_resource_keys={keys.destination_resource, STORAGE_KEY},
         pool=f"{keys.vendor}_api",
         description="The vendor import started for this file; polled by the import-status sensor.",
         **common,
@@ -191,27 +215,10 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
     def import_job(
         context: dg.AssetExecutionContext, config: ImportJobConfig, validated_rows: pd.DataFrame
     ) -> JobHandle:
-        previous = latest_metadata(context.instance, keys.import_job, context.partition_key)
-        if previous and "job_handle" in previous and not config.force:
-            handle = JobHandle.model_validate(previous["job_handle"])
-            context.log.info(
-                f"{context.partition_key} was already submitted as {handle.key}; not importing the same "
-                "content twice (run with config force: true to send it again)"
-            )
-            context.add_output_metadata(_handle_metadata(handle, reused=True))
-            return handle
-        if validated_rows.empty:
-            handle = JobHandle(
-                vendor=keys.vendor, feed=feed.name, partition=context.partition_key, jobs=[], submitted_rows=0
-            )
-            context.log.warning("no valid rows: nothing was sent to the destination")
-        else:
-            client = getattr(context.resources, keys.destination_resource).destination(feed.options)
-            try:
-                handle = client.submit(validated_rows, feed=feed.name, partition=context.partition_key)
-            finally:
-                client.close()
-        context.add_output_metadata(_handle_metadata(handle, reused=False))
+        storage = getattr(context.resources, STORAGE_KEY)
+        with held(storage.lock_dir(), f"submit-{feed.destination}", timeout=SUBMIT_LOCK_SECONDS):
+            handle, reused = _submit_once(context, keys, feed, config, validated_rows)
+        context.add_output_metadata(_handle_metadata(handle, reused=reused))
         return handle
 
     @dg.asset(
@@ -242,9 +249,7 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
         rejected_rows: pd.DataFrame,
         validated_rows: pd.DataFrame,
     ) -> dg.MaterializeResult:
-        outcome, vendor_status = _final_outcome(
-            getattr(context.resources, keys.destination_resource), feed, import_job
-        )
+        outcome, vendor_status = _report_outcome(context, keys, feed, import_job)
         report = build_report(rejected_rows, outcome, validated_rows)
         storage = getattr(context.resources, STORAGE_KEY)
         path = write_report(report, storage.report_dir(feed.name, context.partition_key) / "failures.csv")
@@ -264,6 +269,8 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
                 **accounting.as_metadata(),
                 "dagster/row_count": len(report),
                 "vendor_status": vendor_status,
+                "outcome": _normalised_outcome(vendor_status, accounting),
+                "import_key": import_job.key,
                 "vendor_counts": dg.MetadataValue.json(outcome.vendor_counts),
                 "jobs": ", ".join(j.job_id for j in import_job.jobs) or "none",
                 "report_path": dg.MetadataValue.path(str(path)),
@@ -298,6 +305,148 @@ def _handle_metadata(handle: JobHandle, *, reused: bool) -> dict:
         "submitted_rows": handle.submitted_rows,
         "reused_previous_import": reused,
     }
+
+
+def _observations(instance: dg.DagsterInstance, keys: FeedKeys, partition: str) -> list[dg.EventLogRecord]:
+    """The partition's submit records (intents, handles) and latest materialization, newest first."""
+    flt = dg.AssetRecordsFilter(asset_key=keys.import_job, asset_partitions=[partition])
+    records = list(instance.fetch_observations(flt, limit=20).records)
+    records += instance.fetch_materializations(flt, limit=1).records
+    return sorted(records, key=lambda r: r.storage_id, reverse=True)
+
+
+def _record_value(record: dg.EventLogRecord) -> tuple[str, dict] | None:
+    """``(kind, value)`` of a submit record: an intent, or a handle (observed or materialized)."""
+    event = record.asset_observation or record.asset_materialization
+    metadata = event.metadata if event is not None else {}
+    for kind in (INTENT_KEY, SUBMITTED_KEY, "job_handle"):
+        if kind in metadata and isinstance(metadata[kind].value, dict):
+            return kind, metadata[kind].value
+    return None
+
+
+def _known_job_ids(instance: dg.DagsterInstance, keys: FeedKeys) -> frozenset[str]:
+    """Vendor jobs this feed already recorded: never the import a lost submit created."""
+    ids: set[str] = set()
+    for fetch in (instance.fetch_materializations, instance.fetch_observations):
+        for record in fetch(dg.AssetRecordsFilter(asset_key=keys.import_job), limit=200).records:
+            value = _record_value(record)
+            if value and value[0] != INTENT_KEY:
+                ids.update(job["job_id"] for job in value[1].get("jobs", []))
+    return frozenset(ids)
+
+
+def _submit_once(
+    context: dg.AssetExecutionContext,
+    keys: FeedKeys,
+    feed: Feed,
+    config: "ImportJobConfig",
+    rows: pd.DataFrame,
+) -> tuple[JobHandle, bool]:
+    """The partition's import: recorded, adopted from a lost submit, or sent now (under the lock)."""
+    partition = context.partition_key
+    latest = next(
+        (v for r in _observations(context.instance, keys, partition) if (v := _record_value(r))), None
+    )
+    if latest is not None and latest[0] != INTENT_KEY and not config.force:
+        handle = JobHandle.model_validate(latest[1])
+        context.log.info(
+            f"{partition} was already submitted as {handle.key}; not importing the same "
+            "content twice (run with config force: true to send it again)"
+        )
+        return handle, True
+    if rows.empty:
+        context.log.warning("no valid rows: nothing was sent to the destination")
+        handle = JobHandle(vendor=keys.vendor, feed=feed.name, partition=partition, jobs=[], submitted_rows=0)
+        return handle, False
+    client = getattr(context.resources, keys.destination_resource).destination(feed.options)
+    try:
+        notes: list[str] = []
+        known = _known_job_ids(context.instance, keys)
+        if latest is not None and latest[0] == INTENT_KEY:
+            lost = SubmitIntent(
+                **{**latest[1], "known_job_ids": frozenset(latest[1].get("known_job_ids", [])) | known}
+            )
+            found = client.reconcile(lost, rows)
+            context.log.warning(
+                f"{partition}: attempt {lost.attempt} sent the file without recording an answer; "
+                f"asked the vendor: {found.detail}"
+            )
+            if found.handle is not None:
+                _observe(context, keys, SUBMITTED_KEY, found.handle.model_dump(mode="json"))
+                return found.handle.model_copy(
+                    update={"extra": {**found.handle.extra, "adopted": True}}
+                ), False
+            if not found.certain:
+                notes.append(
+                    f"an earlier attempt may also have delivered this file (its answer was lost and "
+                    f"{found.detail}); a duplicate import could not be excluded"
+                )
+        intent = SubmitIntent(
+            feed=feed.name,
+            partition=partition,
+            sha256=split_partition_key(partition)[1],
+            attempt=int(context.run.tags.get(ATTEMPT_TAG, "1") or 1),
+            recorded_at=time.time(),
+            rows=len(rows),
+            known_job_ids=known,
+        )
+        _observe(context, keys, INTENT_KEY, {**intent.__dict__, "known_job_ids": sorted(known)})
+        handle = client.submit(rows, feed=feed.name, partition=partition)
+        if notes:
+            handle = handle.model_copy(update={"extra": {**handle.extra, "notes": notes}})
+        _observe(context, keys, SUBMITTED_KEY, handle.model_dump(mode="json"))
+        return handle, False
+    finally:
+        client.close()
+
+
+def _observe(context: dg.AssetExecutionContext, keys: FeedKeys, kind: str, value: dict) -> None:
+    """Write a submit record to the instance now (it is stored before this returns)."""
+    context.log_event(
+        dg.AssetObservation(
+            asset_key=keys.import_job,
+            partition=context.partition_key,
+            metadata={kind: dg.MetadataValue.json(value)},
+        )
+    )
+
+
+def _report_outcome(
+    context: dg.AssetExecutionContext, keys: FeedKeys, feed: Feed, handle: JobHandle
+) -> tuple[JobOutcome, str]:
+    """The vendor's final result, or every row failed when the pipeline stopped waiting for it."""
+    tags = context.run.tags
+    expected = tags.get(IMPORT_TAG)
+    if expected and expected != handle.key:
+        raise dg.Failure(
+            description=(
+                f"this report run is for import {expected}, but the partition's latest import is "
+                f"{handle.key}; the newer import gets its own report"
+            ),
+            allow_retries=False,
+        )
+    final = tags.get(FINAL_STATE_TAG)
+    notes = list(handle.extra.get("notes", []))
+    if final in POLL_GAVE_UP:
+        detail = tags.get(FINAL_DETAIL_TAG) or final
+        reason = f"import {final.replace('_', ' ')}: {detail}; the vendor's result is unknown"
+        failures = [f for job in handle.jobs for f in every_row(job, reason)]
+        return JobOutcome(submitted=handle.submitted_rows, failures=failures, notes=[*notes, detail]), final
+    outcome, vendor_status = _final_outcome(
+        getattr(context.resources, keys.destination_resource), feed, handle
+    )
+    outcome.notes[:0] = notes
+    return outcome, vendor_status
+
+
+def _normalised_outcome(vendor_status: str, accounting: RowAccounting) -> str:
+    """One word for every vendor: completed, completed_with_failures, failed, timed_out, poll_failed."""
+    if vendor_status in POLL_GAVE_UP:
+        return vendor_status
+    if accounting.failed == 0:
+        return "completed"
+    return "completed_with_failures" if accounting.imported > 0 else "failed"
 
 
 def _final_outcome(resource, feed: Feed, handle: JobHandle) -> tuple[JobOutcome, str]:

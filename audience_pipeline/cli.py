@@ -100,30 +100,39 @@ def _sync(args: argparse.Namespace) -> int:
 
 
 def _run(feeds, home: Path, *, feed_names, timeout: float, poll_interval: float, ephemeral: bool) -> int:
+    """Only the selected feeds are built, so one feed's run needs only its own variables; a
+    missing variable is one line per key, before anything starts."""
     import dagster as dg
 
     from audience_pipeline.definitions import build_definitions
-    from audience_pipeline.feeds.loader import register_feed_secrets
+    from audience_pipeline.feeds.loader import check_environment, register_feed_secrets, select_feeds
+    from audience_pipeline.locks import held
     from audience_pipeline.redact import install_log_redaction
-    from audience_pipeline.runner import format_summaries, run_feeds
+    from audience_pipeline.runner import NEEDS_A_PERSON_NOW, format_summaries, run_feeds
 
+    feeds = select_feeds(feeds, feed_names)
+    problems = check_environment(feeds)
+    if problems:
+        for line in problems:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
     install_log_redaction()
     register_feed_secrets(feeds)
     defs = build_definitions(feeds, home)
-    if os.environ.get("DAGSTER_HOME") and not ephemeral:
-        instance = dg.DagsterInstance.get()
-    else:
-        (home / "dagster").mkdir(parents=True, exist_ok=True)
-        instance = dg.DagsterInstance.local_temp(tempdir=str(home / "dagster"))
+    # Two syncs on one home must not both create the SQLite schema ("table runs already exists").
+    with held(home / "locks", "instance", timeout=120):
+        if os.environ.get("DAGSTER_HOME") and not ephemeral:
+            instance = dg.DagsterInstance.get()
+        else:
+            (home / "dagster").mkdir(parents=True, exist_ok=True)
+            instance = dg.DagsterInstance.local_temp(tempdir=str(home / "dagster"))
     try:
-        summaries = run_feeds(
-            defs, feeds, instance, feed_names=feed_names, timeout=timeout, poll_interval=poll_interval
-        )
+        summaries = run_feeds(defs, feeds, instance, timeout=timeout, poll_interval=poll_interval)
     finally:
         instance.dispose()
     print()
-    print(format_summaries(summaries) if summaries else "no new files")
-    return 1 if any(s.status in ("error", "timed_out") for s in summaries) else 0
+    print(format_summaries(summaries) if summaries else "no new files, and nothing unfinished")
+    return 1 if any(s.status in NEEDS_A_PERSON_NOW for s in summaries) else 0
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -8,11 +8,14 @@ from pathlib import Path
 import dagster as dg
 
 from audience_pipeline.assets import IO_MANAGER_KEY, STORAGE_KEY, FeedKeys, build_feed_assets
-from audience_pipeline.destinations.registry import build_resource
+from audience_pipeline.automation.alerts import ALERTS_RESOURCE, AlertWebhook, build_alerts_sensor
+from audience_pipeline.automation.arrival import build_arrival_automation
+from audience_pipeline.automation.retries import build_retries_sensor
+from audience_pipeline.automation.status import build_status_sensor
+from audience_pipeline.destinations.registry import build_resource, config_value
 from audience_pipeline.feeds.loader import load_feeds, register_feed_secrets
 from audience_pipeline.feeds.model import Feed, FeedsFile
 from audience_pipeline.redact import install_log_redaction
-from audience_pipeline.sensors import build_arrival_automation, build_status_sensor
 from audience_pipeline.sources.registry import build_source_resource
 from audience_pipeline.storage import HOME_ENV_VAR, AudienceIOManager, PipelineStorage
 
@@ -40,7 +43,11 @@ def build_feed_definitions(feed: Feed, feeds: FeedsFile) -> dg.Definitions:
     return dg.Definitions(
         assets=build_feed_assets(feed, feeds),
         jobs=[ingest_job, report_job],
-        sensors=[*arrival_sensors, build_status_sensor(keys, report_job)],
+        sensors=[
+            *arrival_sensors,
+            build_status_sensor(keys, report_job, feeds.destination_for(feed), feed.retries),
+            build_retries_sensor(keys, ingest_job),
+        ],
         schedules=arrival_schedules,
     )
 
@@ -55,9 +62,15 @@ def build_definitions(feeds: FeedsFile, home: Path | None = None) -> dg.Definiti
         resources[f"source_{name}"] = build_source_resource(source)
     for name, destination in feeds.destinations.items():
         resources[f"destination_{name}"] = build_resource(destination)
+    sensors = []
+    if feeds.alerts is not None:
+        resources[ALERTS_RESOURCE] = AlertWebhook(
+            webhook_url=config_value(feeds.alerts.webhook_url), timeout_seconds=feeds.alerts.timeout_seconds
+        )
+        sensors.append(build_alerts_sensor([FeedKeys(f, feeds) for f in feeds.feeds], list(feeds.alerts.on)))
     return dg.Definitions.merge(
         *(build_feed_definitions(feed, feeds) for feed in feeds.feeds),
-        dg.Definitions(resources=resources),
+        dg.Definitions(resources=resources, sensors=sensors),
     )
 
 

@@ -1,5 +1,8 @@
 """Run feeds once, in process, the way the Dagster daemon would: sensor ticks launch the runs.
 
+Runs carry ``PROCESS_TAG`` so that, if this process is killed mid-run, the next ``sync`` can
+see the run's process is gone, mark it failed and retry the partition (``lifecycle.py``).
+
 ``audience-pipeline demo`` and ``sync`` use this so that a one-shot run exercises exactly the
 sensors, partitions, jobs, checks and run keys that ``dagster dev`` schedules, on any instance
 (ephemeral for the demo, ``$DAGSTER_HOME`` for sync so cursors and run keys persist).
@@ -14,12 +17,19 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from audience_pipeline.assets import ACCOUNTING_CHECK, REJECTION_CHECK, FeedKeys, latest_metadata
+from audience_pipeline.assets import ACCOUNTING_CHECK, FeedKeys, latest_metadata
+from audience_pipeline.automation.arrival import NEW_FILES_SUFFIX, files_settling, report_schedule_name
+from audience_pipeline.automation.lifecycle import (
+    PartitionState,
+    check_failed,
+    feed_states,
+    process_identity,
+)
+from audience_pipeline.automation.retries import due_retries, retries_sensor_name, retry_request
+from audience_pipeline.automation.status import status_sensor_name
 from audience_pipeline.feeds.model import FeedsFile
-from audience_pipeline.redact import redact
-from audience_pipeline.sensors import NEW_FILES_SUFFIX, files_settling, report_schedule_name
+from audience_pipeline.tags import ATTEMPT_TAG, PARTITION_TAG, POLL_GAVE_UP, PROCESS_TAG, RUN_KEY_TAG
 
-RUN_KEY_TAG = "dagster/run_key"
 SENSOR_TAG = "dagster/sensor_name"
 SCHEDULE_TAG = "dagster/schedule_name"
 
@@ -60,7 +70,7 @@ class SensorDriver:
         ):
             time.sleep(self.settle_seconds)
             requests += self._evaluate(sensor, sensor_name)
-        return self._launch(requests, sensor.job_name, SENSOR_TAG, sensor_name)
+        return self.launch(requests, sensor.job_name, SENSOR_TAG, sensor_name)
 
     def tick_schedule(self, schedule_name: str) -> list[dg.DagsterRun]:
         """One evaluation of a schedule now, whatever its cron says (``sync`` means "now")."""
@@ -72,7 +82,7 @@ class SensorDriver:
             repository_def=self.defs.get_repository_def(),
         ) as context:
             result = schedule.evaluate_tick(context)
-        return self._launch(list(result.run_requests or []), schedule.job_name, SCHEDULE_TAG, schedule_name)
+        return self.launch(list(result.run_requests or []), schedule.job_name, SCHEDULE_TAG, schedule_name)
 
     def discover(self, feed_name: str) -> list[dg.DagsterRun]:
         """Tick whatever brings a feed's new files: its report schedule, else its new-file sensor."""
@@ -101,7 +111,7 @@ class SensorDriver:
                 )
         return list(result.run_requests or [])
 
-    def _launch(
+    def launch(
         self, requests: list[dg.RunRequest], default_job: str | None, origin_tag: str, origin: str
     ) -> list[dg.DagsterRun]:
         runs = []
@@ -109,7 +119,7 @@ class SensorDriver:
             if request.run_key and self._already_ran(origin_tag, origin, request.run_key):
                 continue
             job = self.defs.resolve_job_def(request.job_name or default_job)
-            tags = {**request.tags, origin_tag: origin}
+            tags = {**request.tags, origin_tag: origin, PROCESS_TAG: process_identity()}
             if request.run_key:
                 tags[RUN_KEY_TAG] = request.run_key
             outcome = job.execute_in_process(
@@ -149,7 +159,10 @@ def run_feeds(
     timeout: float = 600.0,
     echo: Callable[[str], None] = print,
 ) -> list[PartitionSummary]:
-    """New files -> ingest runs -> wait for the imports -> report runs; one summary per file."""
+    """Everything unfinished in the feeds, in one invocation: new files, failed ingests (retried
+    at once: an invocation is its own schedule), imports submitted earlier by anyone (polled),
+    missing reports (requested again). One summary per partition this call touched, plus every
+    partition that needs attention."""
     selected = [f for f in feeds.feeds if feed_names is None or f.name in feed_names]
     unknown = set(feed_names or ()) - {f.name for f in selected}
     if unknown:
@@ -157,101 +170,82 @@ def run_feeds(
             f"unknown feed(s): {', '.join(sorted(unknown))}; known: {[f.name for f in feeds.feeds]}"
         )
     driver = SensorDriver(defs, instance)
-    summaries: dict[tuple[str, str], PartitionSummary] = {}
     all_keys = {f.name: FeedKeys(f, feeds) for f in selected}
+    touched: set[tuple[str, str]] = set()
     for name, keys in all_keys.items():
         for run in driver.discover(name):
-            partition = run.tags.get("dagster/partition", "")
+            partition = run.tags.get(PARTITION_TAG, "")
             echo(f"[{name}] ingest run for {partition}: {run.status.value}")
-            summaries[(name, partition)] = _ingest_summary(instance, keys, partition, run)
-    waiting = {k for k, s in summaries.items() if s.status == "submitted"}
+            touched.add((name, partition))
+        for state in due_retries(instance, keys, ignore_backoff=True):
+            request = retry_request(state)
+            for run in driver.launch([request], keys.ingest_job, SENSOR_TAG, retries_sensor_name(name)):
+                echo(f"[{name}] retry {request.tags[ATTEMPT_TAG]} for {state.partition}: {run.status.value}")
+                touched.add((name, state.partition))
     deadline = time.monotonic() + timeout
-    while waiting and time.monotonic() < deadline:
-        for name in {feed for feed, _ in waiting}:
-            for run in driver.tick(f"{name}__import_status"):
-                partition = run.tags.get("dagster/partition", "")
-                summaries[(name, partition)] = _report_summary(instance, all_keys[name], partition, run)
-                waiting.discard((name, partition))
+    while True:
+        states: dict[tuple[str, str], PartitionState] = {}
+        for name, keys in all_keys.items():
+            for run in driver.tick(status_sensor_name(name)):
+                partition = run.tags.get(PARTITION_TAG, "")
                 echo(f"[{name}] failure report for {partition}: {run.status.value}")
-        if waiting:
-            time.sleep(poll_interval)
-    for key in waiting:
-        summaries[key].status = "timed_out"
-        summaries[
-            key
-        ].message = f"import still running after {timeout:.0f} s; the status sensor will pick it up"
-    return list(summaries.values())
-
-
-def _run_error(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str:
-    records = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE).records
-    for record in records:
-        data = record.event_log_entry.dagster_event.event_specific_data
-        error = getattr(data, "error", None)
-        if error is not None:
-            while error.cause is not None:  # Dagster wraps what the step raised: show that
-                error = error.cause
-            text = error.message.strip().splitlines()[-1] if error.message else str(error)
-            return redact(text.split(": ", 1)[-1] if error.cls_name == "Failure" else text)
-    return f"run {run.run_id} {run.status.value}"
-
-
-def _check_failed(instance: dg.DagsterInstance, asset: dg.AssetKey, name: str, run_id: str) -> bool:
-    """Whether this run's evaluation of the check failed (the latest one may be another partition's)."""
-    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION).records
-    for record in records:
-        evaluation = record.event_log_entry.dagster_event.event_specific_data
-        if evaluation.asset_key == asset and evaluation.check_name == name and not evaluation.passed:
-            return True
-    return False
-
-
-def _summary(instance: dg.DagsterInstance, keys: FeedKeys, partition: str) -> PartitionSummary:
-    summary = PartitionSummary(keys.feed.name, partition)
-    rejects = latest_metadata(instance, keys.rejected_rows, partition) or {}
-    summary.rejects_path = rejects.get("rejects_csv")
-    return summary
-
-
-def _ingest_summary(
-    instance: dg.DagsterInstance, keys: FeedKeys, partition: str, run: dg.DagsterRun
-) -> PartitionSummary:
-    summary = _summary(instance, keys, partition)
-    validation = latest_metadata(instance, keys.validated_rows, partition) or {}
-    summary.counts = {k: int(validation[k]) for k in ("source_rows", "rejected_rows") if k in validation}
-    if _check_failed(instance, keys.validated_rows, REJECTION_CHECK, run.run_id):
-        summary.status = "blocked"
-        summary.message = (
-            f"rejection rate above {keys.feed.max_rejection_rate:.1%}: nothing was sent; "
-            "fix the file (see the rejects) and drop it again"
-        )
-    elif run.status != dg.DagsterRunStatus.SUCCESS:
-        summary.status, summary.message = "error", _run_error(instance, run)
-    else:
-        summary.status = "submitted"
-    return summary
+                touched.add((name, partition))
+            for partition, state in feed_states(instance, keys, keys.feed.retries).items():
+                states[(name, partition)] = state
+        importing = [k for k, s in states.items() if s.state == "importing"]
+        touched.update(importing)
+        if not importing or time.monotonic() >= deadline:
+            break
+        time.sleep(poll_interval)
+    shown = sorted(k for k, s in states.items() if k in touched or s.state == "needs_attention")
+    return [
+        _summary(instance, all_keys[feed], states[(feed, partition)], timeout) for feed, partition in shown
+    ]
 
 
 REPORT_COUNTS = ("source_rows", "imported", "rejected_by_validation", "failed_at_target", "ignored_by_target")
 
 
-def _report_summary(
-    instance: dg.DagsterInstance, keys: FeedKeys, partition: str, run: dg.DagsterRun
+def _summary(
+    instance: dg.DagsterInstance, keys: FeedKeys, state: PartitionState, timeout: float
 ) -> PartitionSummary:
-    summary = _summary(instance, keys, partition)
-    if run.status != dg.DagsterRunStatus.SUCCESS:
-        summary.status, summary.message = "error", _run_error(instance, run)
+    summary = PartitionSummary(keys.feed.name, state.partition, status=state.state, message=state.detail)
+    rejects = latest_metadata(instance, keys.rejected_rows, state.partition) or {}
+    summary.rejects_path = rejects.get("rejects_csv")
+    validation = latest_metadata(instance, keys.validated_rows, state.partition) or {}
+    summary.counts = {k: int(validation[k]) for k in ("source_rows", "rejected_rows") if k in validation}
+    if state.state == "importing":
+        summary.message = (
+            f"import still running after {timeout:.0f} s; the next sync (or the status sensor "
+            "under dagster) goes on polling it"
+        )
+    elif state.state == "retrying":
+        summary.message = f"{state.detail}; the next sync (or the retry sensor) tries again"
+    if state.state != "reported":
         return summary
-    report = latest_metadata(instance, keys.failure_report, partition) or {}
+    report = latest_metadata(instance, keys.failure_report, state.partition) or {}
     summary.counts = {k: int(report[k]) for k in REPORT_COUNTS if k in report}
     summary.report_path = report.get("report_path")
-    summary.status = str(report.get("vendor_status", "done"))
+    summary.status = str(report.get("outcome") or report.get("vendor_status") or "reported")
     failed = summary.counts.get("failed_at_target", 0)
-    if failed:
+    summary.message = ""
+    if summary.status in POLL_GAVE_UP:
+        summary.message = f"{failed} row(s) reported failed: {report.get('vendor_status')}"
+        notes = report.get("notes")
+        if notes:
+            summary.message = str(notes).splitlines()[-1].lstrip("- ")
+    elif failed:
         summary.message = f"{failed} row(s) refused by the destination; the others were imported"
-    if _check_failed(instance, keys.failure_report, ACCOUNTING_CHECK, run.run_id):
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=keys.failure_report, asset_partitions=[state.partition]), limit=1
+    ).records
+    if records and check_failed(instance, keys.failure_report, ACCOUNTING_CHECK, records[0].run_id):
         summary.message = "row accounting does not add up: see the failure_report asset check"
     return summary
+
+
+NEEDS_A_PERSON_NOW = ("needs_attention", "blocked", "refused", "retrying", "importing")
+"""Summary states that make ``sync`` exit non-zero."""
 
 
 def format_summaries(summaries: list[PartitionSummary]) -> str:

@@ -38,6 +38,10 @@ class PipelineStorage(dg.ConfigurableResource):
     def report_dir(self, feed: str, partition_key: str) -> Path:
         return Path(self.base_dir) / "reports" / feed / safe_name(partition_key)
 
+    def lock_dir(self) -> Path:
+        """Advisory locks (see ``locks.py``): a submit holds one per destination."""
+        return Path(self.base_dir) / "locks"
+
 
 class AudienceIOManager(dg.ConfigurableIOManager):
     base_dir: str

@@ -14,10 +14,16 @@ Protocol choices where the vendor document is vague (the sandbox agrees with eac
   field name is matched against the header text and a naive parser would keep the quotes.
 - Several ``errorMessages`` for one line become one failure with the messages joined; a line
   outside the upload (or none) is kept as a note, since it cannot be tied to a row.
+- Reconciling a submit whose answer was lost uses only documented fields: the import found by
+  name, its ``asyncJobId`` (the latest job) and ``updatedAt``/``createdAt``. A job this pipeline
+  never recorded, on an import created or updated after the intent was written (less
+  ``CLOCK_SKEW_SECONDS`` for the vendor's clock), is the lost submit's job; an import untouched
+  since then means nothing arrived.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, ClassVar
 
 import dagster as dg
@@ -30,14 +36,17 @@ from audience_pipeline.destinations.base import (
     JobOutcome,
     JobState,
     JobStatus,
+    Reconciliation,
     RowFailure,
+    SubmitIntent,
     line_to_row,
 )
-from audience_pipeline.destinations.http import VendorError, VendorHTTP, VendorHTTPError
+from audience_pipeline.destinations.http import RetryPolicy, VendorError, VendorHTTP, VendorHTTPError
 from audience_pipeline.destinations.options import VendorOptions, not_a_column
 
 VENDOR = "communicate_xi"
 IMPORTS = "/public-api/audience-imports"
+CLOCK_SKEW_SECONDS = 60.0
 _STATES = {
     "pending": JobState.PENDING,
     "in_progress": JobState.RUNNING,
@@ -137,19 +146,26 @@ class CommunicateXIClient:
             data = self._upload(
                 "PUT", f"{IMPORTS}/{existing['id']}", payload, file_name, columns, creating=False
             )
-        return JobHandle(
-            vendor=VENDOR,
-            feed=feed,
-            partition=partition,
-            jobs=[ChunkJob(job_id=data["asyncJobId"], first_row=0, row_count=len(rows))],
-            submitted_rows=len(rows),
-            extra={
-                "audience_import_id": data["id"],
-                "import_name": data["name"],
-                "created": created,
-                "unique_id_field": data.get("uniqueIdFieldName"),
-            },
+        return _handle(data, feed=feed, partition=partition, rows=len(rows), created=created)
+
+    def reconcile(self, intent: SubmitIntent, rows: pd.DataFrame) -> Reconciliation:
+        """Did the submit recorded in ``intent`` reach Communicate XI? (See the module docstring.)"""
+        existing = self.find_import(self.options.import_name)
+        if existing is None:
+            return Reconciliation(
+                None, True, f"no import named {self.options.import_name!r}: nothing arrived"
+            )
+        job_id = str(existing.get("asyncJobId") or "")
+        touched = max(_epoch(existing.get("updatedAt")), _epoch(existing.get("createdAt")))
+        if not job_id or job_id in intent.known_job_ids or touched < intent.recorded_at - CLOCK_SKEW_SECONDS:
+            return Reconciliation(
+                None, True, f"import {self.options.import_name!r} has no job newer than the lost submit"
+            )
+        created = _epoch(existing.get("createdAt")) >= intent.recorded_at - CLOCK_SKEW_SECONDS
+        handle = _handle(
+            existing, feed=intent.feed, partition=intent.partition, rows=len(rows), created=created
         )
+        return Reconciliation(handle, True, f"the lost submit created job {job_id} on {existing['name']!r}")
 
     def _upload(
         self, method: str, path: str, payload: bytes, file_name: str, columns: list[str], *, creating: bool
@@ -174,7 +190,7 @@ class CommunicateXIClient:
         data = self.http.json("GET", f"{IMPORTS}/async-jobs/{job.job_id}/status")["data"]
         vendor_status = str(data.get("status"))
         return JobStatus(
-            state=_STATES.get(vendor_status, JobState.RUNNING),
+            state=_STATES.get(vendor_status, JobState.UNKNOWN),
             vendor_status=vendor_status,
             progress=data.get("progressPercentage"),
         )
@@ -208,6 +224,30 @@ class CommunicateXIClient:
         )
 
 
+def _handle(data: dict[str, Any], *, feed: str, partition: str, rows: int, created: bool) -> JobHandle:
+    return JobHandle(
+        vendor=VENDOR,
+        feed=feed,
+        partition=partition,
+        jobs=[ChunkJob(job_id=data["asyncJobId"], first_row=0, row_count=rows)],
+        submitted_rows=rows,
+        extra={
+            "audience_import_id": data["id"],
+            "import_name": data["name"],
+            "created": created,
+            "unique_id_field": data.get("uniqueIdFieldName"),
+        },
+    )
+
+
+def _epoch(value: object) -> float:
+    """An ISO timestamp as the vendor writes it (``2020-10-16T20:20:40.631Z``); 0 when absent."""
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
 def to_csv_bytes(frame: pd.DataFrame) -> bytes:
     """UTF-8 CSV, quoting only cells that need it (pyarrow's "needed" quotes every string and
     header); nulls become empty cells and every row is one line."""
@@ -221,11 +261,12 @@ class CommunicateXIResource(dg.ConfigurableResource):
     api_key: str
     timeout_seconds: float = 30.0
 
-    def destination(self, options: dict) -> CommunicateXIClient:
+    def destination(self, options: dict, retry: RetryPolicy | None = None) -> CommunicateXIClient:
         http = VendorHTTP(
             VENDOR,
             self.base_url,
             headers={"X-GSCC-Api-Key": self.api_key, "Accept": "application/json"},
             timeout=self.timeout_seconds,
+            retry=retry,
         )
         return CommunicateXIClient(http, CxiOptions.model_validate(options))

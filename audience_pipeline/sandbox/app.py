@@ -3,11 +3,15 @@
 Control routes (no API key, never affected by faults):
 
 - ``GET  /_sandbox/health`` → ``{"ok": true}``
-- ``POST /_sandbox/reset`` → forget all vendor state and pending faults
-- ``POST /_sandbox/faults`` → register a fault, see :func:`~audience_pipeline.sandbox.faults.parse_fault`
+- ``POST /_sandbox/reset`` → forget all vendor state, pending faults and the request log
+- ``POST /_sandbox/faults`` → register a fault, see :func:`~audience_pipeline.sandbox.faults.parse_fault`;
+  answers 201 ``{"ok": true, "fault": {...}}``
+- ``GET  /_sandbox/requests`` (optional query ``vendor``, ``method``, ``path_contains``) →
+  ``{"requests": [{"vendor", "method", "path", "status", "faulted", "after"}, ...]}``, oldest first;
+  see :class:`~audience_pipeline.sandbox.faults.RequestLog`
 - ``/_sandbox/<vendor>/...`` → a vendor's own control routes (e.g. CXI's "mark import in use")
 
-Nothing here logs request headers: they carry vendor API keys.
+Nothing here logs request headers, query strings or bodies: they carry vendor API keys.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from audience_pipeline.sandbox.faults import (
     CONTROL_PREFIX,
     FaultMiddleware,
     FaultRegistry,
+    RequestLog,
     error_response,
     parse_fault,
 )
@@ -110,17 +115,29 @@ def build_vendors(settings: SandboxSettings) -> list[SandboxVendor]:
 class SandboxApp(Starlette):
     """Starlette app whose outermost layer is the fault wrapper (it needs the server's raw ``send``)."""
 
-    def __init__(self, vendors: list[SandboxVendor], faults: FaultRegistry, routes: list[BaseRoute]) -> None:
+    def __init__(
+        self,
+        vendors: list[SandboxVendor],
+        faults: FaultRegistry,
+        routes: list[BaseRoute],
+        requests: RequestLog | None = None,
+    ) -> None:
         super().__init__(routes=routes, exception_handlers={HTTPException: _http_error})
         self.vendors = {vendor.name: vendor for vendor in vendors}
         self.faults = faults
+        self.requests = (
+            requests
+            if requests is not None
+            else RequestLog({vendor.name: vendor.prefix for vendor in vendors})
+        )
 
     def build_middleware_stack(self) -> ASGIApp:
-        return FaultMiddleware(super().build_middleware_stack(), self.faults)
+        return FaultMiddleware(super().build_middleware_stack(), self.faults, self.requests)
 
     def reset(self) -> None:
-        """Clear every vendor's state and all pending faults."""
+        """Clear every vendor's state, all pending faults and the request log."""
         self.faults.clear()
+        self.requests.clear()
         for vendor in self.vendors.values():
             vendor.reset()
 
@@ -131,6 +148,7 @@ def build_app(settings: SandboxSettings | None = None) -> SandboxApp:
     vendors = build_vendors(settings)
     faults = FaultRegistry()
     prefixes = {vendor.name: vendor.prefix for vendor in vendors}
+    requests = RequestLog(prefixes)
     app: SandboxApp
 
     async def health(request: Request) -> Response:
@@ -150,14 +168,35 @@ def build_app(settings: SandboxSettings | None = None) -> SandboxApp:
         faults.add(fault)
         return JSONResponse({"ok": True, "fault": fault.describe()}, status_code=201)
 
+    async def list_requests(request: Request) -> Response:
+        unknown = sorted(set(request.query_params) - {"vendor", "method", "path_contains"})
+        if unknown:
+            return error_response(
+                400,
+                "invalid_request",
+                f"Unknown filter {', '.join(unknown)}; use vendor, method, path_contains",
+            )
+        vendor = request.query_params.get("vendor")
+        if vendor is not None and vendor not in prefixes:
+            return error_response(
+                400, "invalid_request", f"Unknown vendor {vendor!r}; known: {', '.join(sorted(prefixes))}"
+            )
+        entries = requests.entries(
+            vendor=vendor,
+            method=request.query_params.get("method"),
+            path_contains=request.query_params.get("path_contains"),
+        )
+        return JSONResponse({"requests": entries})
+
     routes: list[BaseRoute] = [
         Route(f"{CONTROL_PREFIX}/health", health, methods=["GET"]),
         Route(f"{CONTROL_PREFIX}/reset", reset, methods=["POST"]),
         Route(f"{CONTROL_PREFIX}/faults", add_fault, methods=["POST"]),
+        Route(f"{CONTROL_PREFIX}/requests", list_requests, methods=["GET"]),
     ]
     routes += [Mount(f"{CONTROL_PREFIX}/{v.name}", routes=v.control_routes()) for v in vendors]
     routes += [Mount(v.prefix, routes=v.routes()) for v in vendors]
-    app = SandboxApp(vendors, faults, routes)
+    app = SandboxApp(vendors, faults, routes, requests)
     return app
 
 

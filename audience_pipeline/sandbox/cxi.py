@@ -9,8 +9,14 @@ because the vendor's document mixes both):
 - ``GET    /public-api/audience-imports/async-jobs/{job_id}/status`` and ``.../failures``
 
 Every request needs ``X-GSCC-Api-Key``; errors are ``{"error": {"code", "message"}}``.
-Control route (no key): ``POST /_sandbox/cxi/imports/{id}/in-use`` with optional JSON
-``{"in_use": false}`` marks or clears "used by an audience", which makes DELETE answer 409.
+Control routes (no key):
+
+- ``POST /_sandbox/cxi/imports/{id}/in-use`` with optional JSON ``{"in_use": false}`` marks or
+  clears "used by an audience", which makes DELETE answer 409.
+- ``POST /_sandbox/cxi/stall`` with JSON ``{"stall": true}`` (or ``false``) → ``{"ok": true,
+  "stall": true}``: while stall is on, every job created (by POST or by a PUT with a file) stays
+  ``pending`` forever, progress 0, and its failures answer as for a pending job; switching stall
+  off affects only jobs created afterwards. ``POST /_sandbox/reset`` switches it off.
 
 Interpretation of the vendor's silences (the client is written against these):
 
@@ -198,11 +204,12 @@ class _Job:
     chars_read: int = 0
     result: CheckResult | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    stalled: bool = False
 
     def state(self, now: float) -> tuple[str, int]:
         """Status and progress, derived from elapsed time and whether the row check has finished."""
         elapsed = now - self.started
-        if elapsed < self.pace:
+        if self.stalled or elapsed < self.pace:
             return "pending", 0
         result = self.result
         if result is None or elapsed < 2 * self.pace:
@@ -325,6 +332,7 @@ class CxiVendor:
         self._lock = threading.Lock()
         self._imports: dict[str, _Import] = {}
         self._jobs: dict[str, _Job] = {}
+        self._stall = False
 
     def routes(self) -> list[BaseRoute]:
         routes: list[BaseRoute] = []
@@ -343,7 +351,10 @@ class CxiVendor:
         return routes
 
     def control_routes(self) -> list[BaseRoute]:
-        return [Route("/imports/{import_id}/in-use", self._set_in_use, methods=["POST"])]
+        return [
+            Route("/imports/{import_id}/in-use", self._set_in_use, methods=["POST"]),
+            Route("/stall", self._set_stall, methods=["POST"]),
+        ]
 
     def demo_env(self, base_url: str) -> dict[str, str]:
         return {"CXI_BASE_URL": base_url, "CXI_API_KEY": self._api_key}
@@ -353,6 +364,7 @@ class CxiVendor:
             jobs = list(self._jobs.values())
             self._imports.clear()
             self._jobs.clear()
+            self._stall = False
         for job in jobs:
             job.cancel.set()
 
@@ -480,6 +492,17 @@ class CxiVendor:
             return exc.response()
         return JSONResponse({"ok": True, "id": request.path_params["import_id"], "in_use": in_use})
 
+    async def _set_stall(self, request: Request) -> Response:
+        try:
+            payload = await request.json()
+        except (JSONDecodeError, UnicodeDecodeError):
+            payload = None
+        if not isinstance(payload, dict) or not isinstance(payload.get("stall"), bool):
+            return error_response(400, "invalid_request", 'Body must be like {"stall": true}')
+        with self._lock:
+            self._stall = payload["stall"]
+        return JSONResponse({"ok": True, "stall": payload["stall"]})
+
     def _import(self, request: Request) -> _Import:
         import_id = request.path_params["import_id"]
         imp = self._imports.get(import_id)
@@ -508,6 +531,7 @@ class CxiVendor:
             fields=imp.fields,
             upload=upload,
             pace=self._pace,
+            stalled=self._stall,
         )
         imp.jobs.append(job)
         self._jobs[job.id] = job

@@ -107,6 +107,19 @@ class SandboxServer:
         response.raise_for_status()
         return response.json()["fault"]
 
+    def requests(
+        self, *, vendor: str | None = None, method: str | None = None, path_contains: str | None = None
+    ) -> list[dict[str, Any]]:
+        """What vendor paths received since the last reset, oldest first, through ``GET /_sandbox/requests``.
+
+        Each entry is ``{"vendor", "method", "path", "status", "faulted", "after"}``; filters combine.
+        """
+        filters = {"vendor": vendor, "method": method, "path_contains": path_contains}
+        params = {key: value for key, value in filters.items() if value is not None}
+        response = httpx.get(f"{self.url}/_sandbox/requests", params=params, timeout=5)
+        response.raise_for_status()
+        return response.json()["requests"]
+
     def _wait_until_answering(self) -> None:
         deadline = time.monotonic() + self._startup_timeout
         while time.monotonic() < deadline:

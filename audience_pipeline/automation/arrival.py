@@ -1,6 +1,8 @@
-"""Sensors: new HR files become partitions and runs; finished imports request their report.
+"""How files arrive: new HR files become partitions and runs.
 
-Both keep a small JSON cursor. The new-file sensor's cursor is ``{"files": {name: [size,
+A partition is added once; what happens when its run fails is ``retries.py``'s business.
+
+The new-file sensor's cursor is ``{"files": {name: [size,
 mtime_ns, short hash or null]}, "after": storage id}``: only files still in the source are kept,
 so it stays as small as the drop folder. A file is hashed once, when it is ready (marker present,
 or size and mtime unchanged since the previous listing, or untouched for the source's
@@ -12,19 +14,12 @@ materialization since ``after``, if the file in the source still has the partiti
 
 Sources without file events (an HTTP report URL) get a schedule instead: each tick pulls the
 report into staging, hashes it and, if that content is new, adds its partition and requests a run.
-
-The import-status sensor follows ``import_job`` materializations through the event log (cursor =
-last storage id seen, plus the in-flight partitions), polls only the cheap status endpoint with a
-few threads and a per-tick cap (taken round robin: ``polled_up_to``), and requests one
-``failure_report`` run per finished import with ``run_key = <job ids>:<final vendor state>`` so
-Dagster never runs the same report twice.
 """
 
 import json
 import shutil
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +27,6 @@ import dagster as dg
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 from audience_pipeline.assets import STORAGE_KEY, FeedKeys
-from audience_pipeline.destinations.base import JobHandle, JobState, JobStatus
 from audience_pipeline.feeds.model import HttpReportSource, SourceConfig
 from audience_pipeline.redact import redact
 from audience_pipeline.sources.base import (
@@ -46,8 +40,6 @@ from audience_pipeline.sources.base import (
     stage,
 )
 
-MAX_POLLS_PER_TICK = 50
-POLL_THREADS = 8
 HASH_BUDGET_SECONDS = 30.0
 MAX_MARKS_PER_TICK = 100
 NEW_FILES_SUFFIX = "__new_files"
@@ -252,90 +244,3 @@ def pull_report(source: HRSource, storage, feed: str, file_name: str, existing: 
         return key
     finally:
         shutil.rmtree(pull_dir, ignore_errors=True)
-
-
-def build_status_sensor(keys: FeedKeys, report_job: UnresolvedAssetJobDefinition) -> dg.SensorDefinition:
-    @dg.sensor(
-        name=f"{keys.feed.name}__import_status",
-        job=report_job,
-        minimum_interval_seconds=15,
-        default_status=dg.DefaultSensorStatus.RUNNING,
-        required_resource_keys={keys.destination_resource},
-        description="Polls in-flight imports and requests the failure report when one ends.",
-    )
-    def import_status(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
-        state = json.loads(context.cursor) if context.cursor else {"after": None, "inflight": {}}
-        inflight: dict[str, int] = state["inflight"]
-        records = context.instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=keys.import_job, after_storage_id=state["after"]),
-            limit=1000,
-            ascending=True,
-        ).records
-        for record in records:
-            if record.partition_key:
-                inflight[record.partition_key] = record.storage_id
-            state["after"] = record.storage_id
-        if not inflight:
-            return dg.SensorResult(cursor=json.dumps(state), skip_reason="no import in flight")
-        # Round robin from where the previous tick stopped: imports that run for hours must not
-        # keep newer ones from ever being polled when more than the cap are in flight.
-        ordered = sorted(inflight.items(), key=lambda kv: kv[1])
-        polled_up_to = state.get("polled_up_to") or 0
-        ordered = [kv for kv in ordered if kv[1] > polled_up_to] + [
-            kv for kv in ordered if kv[1] <= polled_up_to
-        ]
-        due = ordered[:MAX_POLLS_PER_TICK]
-        if len(ordered) > MAX_POLLS_PER_TICK:
-            state["polled_up_to"] = due[-1][1]
-        else:
-            state.pop("polled_up_to", None)
-        handles = _handles(context.instance, keys, dict(due))
-        client = getattr(context.resources, keys.destination_resource).destination(keys.feed.options)
-        try:
-            with ThreadPoolExecutor(max_workers=POLL_THREADS) as pool:
-                results = list(pool.map(lambda h: _poll(client, h), handles.values()))
-        finally:
-            client.close()
-        requests = []
-        for (partition, handle), result in zip(handles.items(), results, strict=True):
-            if isinstance(result, str):
-                context.log.warning(f"{partition}: status poll failed: {result}")
-                continue
-            if result.state.terminal:
-                requests.append(
-                    dg.RunRequest(
-                        partition_key=partition,
-                        run_key=f"{handle.key}:{result.vendor_status}",
-                        tags={
-                            "audience_pipeline/import": handle.key,
-                            "audience_pipeline/vendor_status": result.vendor_status,
-                        },
-                    )
-                )
-                inflight.pop(partition, None)
-        for partition in set(dict(due)) - set(handles):
-            inflight.pop(partition, None)
-        return dg.SensorResult(run_requests=requests, cursor=json.dumps(state))
-
-    return import_status
-
-
-def _handles(instance: dg.DagsterInstance, keys: FeedKeys, due: dict[str, int]) -> dict[str, JobHandle]:
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=keys.import_job, storage_ids=list(due.values())), limit=len(due)
-    ).records
-    out = {}
-    for record in records:
-        materialization = record.asset_materialization
-        if materialization and "job_handle" in materialization.metadata and record.partition_key:
-            out[record.partition_key] = JobHandle.model_validate(materialization.metadata["job_handle"].value)
-    return out
-
-
-def _poll(client, handle: JobHandle) -> JobStatus | str:
-    if not handle.jobs:
-        return JobStatus(state=JobState.SUCCEEDED, vendor_status="nothing_submitted")
-    try:
-        return client.status(handle)
-    except Exception as exc:  # one vendor hiccup must not stop the other polls
-        return redact(str(exc))

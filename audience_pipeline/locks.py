@@ -1,0 +1,50 @@
+"""Advisory file locks under the pipeline's home, for work that must not run twice at once.
+
+A submit holds one while it reads what was already sent, records its intent, sends and records
+the answer, so a ``sync``, a sensor-launched run and a materialization from the UI never send
+the same file side by side. ``flock`` is released by the kernel when a process dies (even
+``kill -9``), so a crash never leaves a stale lock. It serialises processes on one machine or on
+a shared POSIX file system; runs spread over hosts also need the Dagster pool of the vendor
+(``<vendor>_api``) limited to 1 in ``dagster.yaml``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from audience_pipeline.storage import safe_name
+
+
+class LockTimeout(TimeoutError):
+    """Another process held the lock for longer than the caller would wait."""
+
+
+@contextmanager
+def held(folder: Path | str, name: str, *, timeout: float = 600.0, poll: float = 0.05) -> Iterator[None]:
+    """Hold the lock ``name`` (one file in ``folder``) for the ``with`` block."""
+    path = Path(folder) / f"{safe_name(name)}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LockTimeout(
+                        f"{name}: still held by another process after {timeout:.0f} s"
+                    ) from None
+                time.sleep(poll)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
