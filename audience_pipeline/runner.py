@@ -178,6 +178,8 @@ def run_feeds(
             echo(f"[{name}] ingest run for {partition}: {run.status.value}")
             touched.add((name, partition))
         for state in due_retries(instance, keys, ignore_backoff=True):
+            if (name, state.partition) in touched:
+                continue  # it failed in this very invocation: the next one (or the sensor) retries
             request = retry_request(state)
             for run in driver.launch([request], keys.ingest_job, SENSOR_TAG, retries_sensor_name(name)):
                 echo(f"[{name}] retry {request.tags[ATTEMPT_TAG]} for {state.partition}: {run.status.value}")

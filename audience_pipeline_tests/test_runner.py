@@ -52,7 +52,7 @@ class FakeVendor:
 
     vendor = "communicate_xi"
 
-    def destination(self, options: dict) -> FakeVendor:
+    def destination(self, options: dict, retry: object = None) -> FakeVendor:
         return self
 
     def close(self) -> None:
@@ -137,7 +137,7 @@ def test_one_summary_per_file(ran: Ran) -> None:
 def test_a_finished_import_reports_counts_that_add_up(ran: Ran) -> None:
     good = ran.summaries["good.csv"]
 
-    assert good.status == "failed"
+    assert good.status == "completed_with_failures"
     assert good.counts == {
         "source_rows": 4,
         "imported": 2,
@@ -162,7 +162,7 @@ def test_a_file_over_the_rejection_threshold_is_blocked(ran: Ran) -> None:
 def test_a_failed_run_says_why_in_one_line(ran: Ran) -> None:
     unmapped = ran.summaries["unmapped.csv"]
 
-    assert unmapped.status == "error"
+    assert unmapped.status == "refused"
     assert "email -> 'Email' (did you mean 'E-mail'?)" in unmapped.message
     assert "\n" not in unmapped.message
 
@@ -170,8 +170,8 @@ def test_a_failed_run_says_why_in_one_line(ran: Ran) -> None:
 def test_errors_never_show_secrets(ran: Ran) -> None:
     leaky = ran.summaries["leaky.csv"]
 
-    assert leaky.status == "error"
-    assert "401 Unauthorized" in leaky.message
+    assert leaky.status == "retrying"
+    assert leaky.message.startswith("attempt 1 of 5 failed: ") and "401 Unauthorized" in leaky.message
     assert SECRET not in leaky.message and "***" in leaky.message
     assert SECRET not in format_summaries(list(ran.summaries.values()))
     assert not any(SECRET in line for line in ran.echoed)
@@ -185,11 +185,11 @@ def test_a_vendor_count_that_disagrees_fails_the_accounting_check(ran: Ran) -> N
     assert miscount.counts["imported"] == 2
 
 
-def test_an_import_still_running_at_the_deadline_is_timed_out(ran: Ran) -> None:
+def test_an_import_still_running_at_the_deadline_is_handed_over(ran: Ran) -> None:
     slow = ran.summaries["slow.csv"]
 
-    assert slow.status == "timed_out"
-    assert slow.message == "import still running after 1 s; the status sensor will pick it up"
+    assert slow.status == "importing"
+    assert slow.message.startswith("import still running after 1 s; the next sync")
     assert slow.counts == {"source_rows": 1, "rejected_rows": 0}
     assert ran.elapsed >= 1.0
 
@@ -206,6 +206,25 @@ def test_progress_is_echoed_per_run(ran: Ran) -> None:
 def test_unknown_feed_names_are_refused_before_anything_runs(ran: Ran) -> None:
     with pytest.raises(ValueError, match=r"unknown feed\(s\): nope; known: \['staff'\]"):
         run_feeds(ran.defs, ran.feeds, ran.instance, feed_names=["staff", "nope"], echo=lambda _: None)
+
+
+def test_the_next_sync_retries_failures_and_goes_on_polling(ran: Ran) -> None:
+    """Runs last: a second invocation on the same instance, as the next cron ``sync`` would."""
+    echoed: list[str] = []
+    again = run_feeds(ran.defs, ran.feeds, ran.instance, poll_interval=0.05, timeout=0.3, echo=echoed.append)
+
+    by_file = {s.partition.split("@")[0]: s for s in again}
+    assert sorted(by_file) == ["leaky.csv", "slow.csv"]  # what is unfinished; nothing done twice
+    assert [line for line in echoed if "retry" in line] == [
+        f"[{FEED}] retry 2 for {by_file['leaky.csv'].partition}: FAILURE"
+    ]
+    assert by_file["leaky.csv"].message.startswith("attempt 2 of 5 failed")
+    assert by_file["slow.csv"].status == "importing"
+    runs = ran.instance.get_runs(dg.RunsFilter(tags={"dagster/partition": by_file["leaky.csv"].partition}))
+    assert sorted(r.tags["dagster/run_key"] for r in runs) == [
+        by_file["leaky.csv"].partition,
+        f"{by_file['leaky.csv'].partition}#attempt2",
+    ]
 
 
 def test_format_summaries_lines_up_counts_status_and_paths() -> None:

@@ -14,12 +14,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from audience_pipeline import sensors
+from audience_pipeline.automation import arrival as sensors
 from audience_pipeline.assets import FeedKeys
 from audience_pipeline.definitions import build_definitions
 from audience_pipeline.feeds.model import FeedsFile
 from audience_pipeline.redact import register_secret
-from audience_pipeline.sensors import FileCursor, files_settling
+from audience_pipeline.automation.arrival import FileCursor, files_settling
 from audience_pipeline.sources.base import SourceFile, partition_key
 
 FEED = "staff"
@@ -32,7 +32,11 @@ def _feeds(source: dict) -> FeedsFile:
         {
             "sources": {"drop": source},
             "destinations": {
-                "cxi": {"type": "communicate_xi", "base_url": "http://127.0.0.1:9/cxi", "api_key": "k" * 8}
+                "cxi": {
+                    "type": "communicate_xi",
+                    "base_url": "http://127.0.0.1:9/cxi",
+                    "api_key": {"env_var": "TEST_CXI_API_KEY"},
+                }
             },
             "feeds": [
                 {
@@ -45,6 +49,13 @@ def _feeds(source: dict) -> FeedsFile:
             ],
         }
     )
+
+
+
+@pytest.fixture(autouse=True)
+def cxi_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The destination's key comes from the environment, as every secret in a feeds file must."""
+    monkeypatch.setenv("TEST_CXI_API_KEY", "k" * 8)
 
 
 @dataclass

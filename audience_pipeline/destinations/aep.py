@@ -38,6 +38,22 @@ Protocol choices where the vendor document is vague (the sandbox agrees with eac
   a 429 was not processed, so repeating it cannot make a second audience or run. A status poll
   that is still refused fails only that sensor tick; the import stays in flight for the next one.
 - An expired landing-zone SAS is fetched again and the upload retried once (``aep_storage``).
+- A status word other than PROCESSING, SUCCESS or FAILED is ``JobState.UNKNOWN`` (not final; the
+  word is kept in ``vendor_status``).
+- ``destination(options, retry=...)`` applies one :class:`RetryPolicy` to the Platform and IMS
+  clients (the status sensor passes one without 429, so a rate-limited tick fails at once instead
+  of sleeping for ``Retry-After``). The landing-zone upload keeps ``aep_storage``'s own policy.
+- ``reconcile`` (a submit whose answer was lost): the feed's audience is found by
+  ``customAudienceId`` as ``submit`` finds it, then its runs are listed with the documented
+  ``GET /external-audience/{id}/runs``. One run this pipeline never recorded, created at or after
+  the intent's ``recorded_at`` less ``CLOCK_SKEW_SECONDS``, is the lost one and is adopted; none
+  means nothing arrived, provided the audience is older than the lost submit (it has an earlier or
+  recorded run, or a recorded creation operation names it). Otherwise the lost submit may have
+  created the audience, and a creation can be looked up only by the ``operationId`` its lost
+  answer held: the client cannot tell, and a resend is harmless (a second creation of the same
+  ``customAudienceId`` is refused with 409, and ``submit`` then starts a run). The audience
+  lookup is not in the seed, so a 404/405 from it (or from the runs list) means "cannot tell";
+  several unrecorded new runs, or one without ``createdAt``, cannot be told apart either.
 """
 
 from __future__ import annotations
@@ -70,9 +86,12 @@ from audience_pipeline.destinations.base import (
     JobOutcome,
     JobState,
     JobStatus,
+    Reconciliation,
     RowFailure,
+    SubmitIntent,
+    cannot_reconcile,
 )
-from audience_pipeline.destinations.http import VendorError, VendorHTTP, VendorHTTPError
+from audience_pipeline.destinations.http import RetryPolicy, VendorError, VendorHTTP, VendorHTTPError
 from audience_pipeline.destinations.oauth import (
     BearerTokens,
     Token,
@@ -96,6 +115,11 @@ TOKEN_PATH = "/ims/token/v3"
 FieldType = Literal["string", "number", "long", "integer", "date", "datetime", "boolean"]
 _STATES = {"PROCESSING": JobState.RUNNING, "SUCCESS": JobState.SUCCEEDED, "FAILED": JobState.FAILED}
 _CANONICAL = ("unique_id", "email", "mobile_phone", "first_name", "last_name")
+CLOCK_SKEW_SECONDS = 60.0
+"""A run created this long before the intent was recorded may still be the lost submit's."""
+MAX_OPERATION_LOOKUPS = 20
+"""Recorded job ids tried as creation operations when reconciling (one GET each)."""
+_UNSUPPORTED = (404, 405)
 NO_ROW_RESULTS = (
     "Experience Platform reports no row-level results: every row sent in a run that succeeded is "
     "counted imported, and a failed run fails every row it was sent."
@@ -173,6 +197,7 @@ class ImsAuth:
         scopes: str = "",
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         if (client_secret is None) == (access_token is None):
             raise ValueError("configure exactly one of client_secret or access_token")
@@ -186,6 +211,7 @@ class ImsAuth:
         self._ims_url = ims_url
         self._timeout = timeout
         self._transport = transport
+        self._retry = retry
         account = account_key(ims_url, client_id, client_secret or "", scopes)
         self._tokens = BearerTokens(account, self._fetch, cache=_TOKENS)
         register_secret(client_id, client_secret, access_token)
@@ -206,6 +232,7 @@ class ImsAuth:
             secrets=[self._form["client_id"], self._form["client_secret"]],
             timeout=self._timeout,
             transport=self._transport,
+            retry=self._retry,
         ) as http:
             body = http.json("POST", TOKEN_PATH, data=self._form, idempotent=True)
         token = read_token(body, vendor=VENDOR, path=TOKEN_PATH, now=time.time(), default_lifetime=0)
@@ -256,9 +283,8 @@ class AepClient:
         """Upload the file, then create the audience (first push) or start an ingestion run."""
         columns = [c for c in rows.columns if c != "source_line"]
         fields = self.options.fields(columns)
-        identity = rows[self.options.identity_field]
-        missing = (identity.isna() | (identity.astype("str").str.strip() == "")).to_numpy(dtype=bool)
-        custom_id = self.options.custom_audience_id or f"audience_pipeline.{feed}"
+        missing = self._no_identity(rows)
+        custom_id = self._custom_id(feed)
         audience = self.find_audience(custom_id)
         if audience is not None:
             self._prepare(audience, fields)
@@ -267,7 +293,6 @@ class AepClient:
             "custom_audience_id": custom_id,
             "source_path": stored.path,
             "cloud_type": stored.cloud_type,
-            "not_sent_rows": np.flatnonzero(missing).tolist(),
         }
         if audience is None:
             try:
@@ -281,14 +306,36 @@ class AepClient:
                 self._prepare(audience, fields)
             else:
                 job_id = _required(body, "operationId", "POST", f"{AUDIENCE}/")
-                return self._handle(feed, partition, rows, job_id, {**extra, "kind": "operation"})
+                return self._handle(feed, partition, rows, job_id, extra, missing)
         run = self._start_run(audience["audienceId"], stored)
-        extra.update(kind="run", audience_id=audience["audienceId"])
-        return self._handle(feed, partition, rows, _required(run, "runId", "POST", "runs"), extra)
+        run_id = _required(run, "runId", "POST", "runs")
+        return self._handle(feed, partition, rows, run_id, extra, missing, audience_id=audience["audienceId"])
+
+    def _custom_id(self, feed: str) -> str:
+        return self.options.custom_audience_id or f"audience_pipeline.{feed}"
+
+    def _no_identity(self, rows: pd.DataFrame) -> np.ndarray:
+        """Rows without an identity value: never sent, since Platform could not identify them."""
+        identity = rows[self.options.identity_field]
+        return (identity.isna() | (identity.astype("str").str.strip() == "")).to_numpy(dtype=bool)
 
     def _handle(
-        self, feed: str, partition: str, rows: pd.DataFrame, job_id: str, extra: dict[str, Any]
+        self,
+        feed: str,
+        partition: str,
+        rows: pd.DataFrame,
+        job_id: str,
+        source: dict[str, Any],
+        missing: np.ndarray,
+        *,
+        audience_id: str | None = None,
     ) -> JobHandle:
+        """The handle of a creation operation, or of a run on ``audience_id``."""
+        extra: dict[str, Any] = {**source, "not_sent_rows": np.flatnonzero(missing).tolist()}
+        if audience_id is None:
+            extra["kind"] = "operation"
+        else:
+            extra.update(kind="run", audience_id=audience_id)
         return JobHandle(
             vendor=VENDOR,
             feed=feed,
@@ -297,6 +344,109 @@ class AepClient:
             submitted_rows=len(rows),
             extra=extra,
         )
+
+    def reconcile(self, intent: SubmitIntent, rows: pd.DataFrame) -> Reconciliation:
+        """Did the submit recorded in ``intent`` start a run? (See the module docstring.)"""
+        custom_id = self._custom_id(intent.feed)
+        since = intent.recorded_at - CLOCK_SKEW_SECONDS
+        try:
+            audience = self.find_audience(custom_id)
+        except VendorHTTPError as exc:
+            if exc.status not in _UNSUPPORTED:
+                raise
+            return cannot_reconcile(
+                VENDOR,
+                f"the lookup of audience {custom_id!r} by customAudienceId (not in the vendor document) "
+                f"answered {exc.status}, so whether the lost submit created the audience or started a run "
+                "cannot be told; a resend is harmless, since a second creation is refused with 409",
+            )
+        if audience is None:
+            return cannot_reconcile(
+                VENDOR,
+                f"no audience {custom_id!r} is listed, but the listing is not in the vendor document and a "
+                "creation can only be looked up by the operationId its lost answer held; a resend is "
+                "harmless, since a second creation of the same customAudienceId is refused with 409",
+            )
+        audience_id = str(audience["audienceId"])
+        try:
+            runs = self.call("GET", f"{AUDIENCE}/{audience_id}/runs").get("runs") or []
+        except VendorHTTPError as exc:
+            if exc.status not in _UNSUPPORTED:
+                raise
+            return cannot_reconcile(
+                VENDOR, f"listing the ingestion runs of audience {audience_id} answered {exc.status}"
+            )
+        unrecorded = [
+            (r, _epoch_seconds(r.get("createdAt")))
+            for r in runs
+            if str(r.get("runId")) not in intent.known_job_ids
+        ]
+        undated = [str(r.get("runId")) for r, created in unrecorded if created is None]
+        if undated:
+            return cannot_reconcile(
+                VENDOR,
+                f"runs {undated} of audience {audience_id} have no createdAt to compare with the intent",
+            )
+        new = [r for r, created in unrecorded if created is not None and created >= since]
+        if len(new) > 1:
+            ids = [str(r.get("runId")) for r in new]
+            return cannot_reconcile(
+                VENDOR,
+                f"audience {audience_id} has {len(new)} runs this pipeline never recorded since the lost "
+                f"submit ({', '.join(ids)}); which one it started cannot be told",
+            )
+        if new:
+            run_id = _required(new[0], "runId", "GET", f"{AUDIENCE}/{audience_id}/runs")
+            params = (audience.get("sourceSpec") or {}).get("params") or {}
+            source = {
+                "custom_audience_id": custom_id,
+                "source_path": params.get("path"),
+                "cloud_type": params.get("cloudType"),
+            }
+            handle = self._handle(
+                intent.feed,
+                intent.partition,
+                rows,
+                run_id,
+                source,
+                self._no_identity(rows),
+                audience_id=audience_id,
+            )
+            return Reconciliation(
+                handle, True, f"the lost submit started run {run_id} on audience {audience_id}"
+            )
+        if not self._older_than(audience_id, runs, intent, since):
+            return cannot_reconcile(
+                VENDOR,
+                f"audience {audience_id} has no run or recorded creation from before the lost submit, so "
+                "that submit may have created it, and a creation can only be looked up by the operationId "
+                "its lost answer held",
+            )
+        return Reconciliation(
+            None, True, f"no ingestion run on audience {audience_id} started since the lost submit"
+        )
+
+    def _older_than(
+        self, audience_id: str, runs: list[dict[str, Any]], intent: SubmitIntent, since: float
+    ) -> bool:
+        """Whether the audience existed before the lost submit: it has a run from before it or one
+        this pipeline recorded, or a recorded job is the operation that created it."""
+        run_ids = {str(r.get("runId")) for r in runs}
+        if run_ids & intent.known_job_ids:
+            return True
+        created = (_epoch_seconds(r.get("createdAt")) for r in runs)
+        if any(moment is not None and moment < since for moment in created):
+            return True
+        for job_id in sorted(intent.known_job_ids - run_ids)[:MAX_OPERATION_LOOKUPS]:
+            try:
+                operation = self.call("GET", f"{OPERATIONS}/{job_id}")
+            except VendorHTTPError as exc:
+                if exc.status in _UNSUPPORTED:
+                    continue
+                raise
+            if str((operation or {}).get("audienceId")) == audience_id:
+                return True
+        return False
 
     def _upload(self, frame: pd.DataFrame, file_name: str) -> StoredFile:
         fd, name = tempfile.mkstemp(prefix="aep-", suffix=".csv")
@@ -407,7 +557,7 @@ class AepClient:
         body = self._job(handle)
         vendor_status = str(body.get("status"))
         return JobStatus(
-            state=_STATES.get(vendor_status, JobState.RUNNING),
+            state=_STATES.get(vendor_status, JobState.UNKNOWN),
             vendor_status=vendor_status,
             detail=_failure_detail(body),
         )
@@ -455,6 +605,16 @@ def _failure_detail(body: dict[str, Any]) -> str:
     return str(body.get("status", ""))
 
 
+def _epoch_seconds(value: Any) -> float | None:
+    """A ``createdAt`` (epoch seconds, as the document writes it); ``None`` when absent or not a number."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _required(body: Any, key: str, method: str, path: str) -> str:
     value = body.get(key) if isinstance(body, dict) else None
     if not value:
@@ -477,7 +637,7 @@ class AepResource(dg.ConfigurableResource):
     s3_secret_access_key: str | None = None
     timeout_seconds: float = 30.0
 
-    def destination(self, options: dict) -> AepClient:
+    def destination(self, options: dict, retry: RetryPolicy | None = None) -> AepClient:
         parsed = AepOptions.model_validate(options)
         auth = ImsAuth(
             self.ims_url,
@@ -486,6 +646,7 @@ class AepResource(dg.ConfigurableResource):
             access_token=self.access_token,
             scopes=self.scopes,
             timeout=self.timeout_seconds,
+            retry=retry,
         )
         http = VendorHTTP(
             VENDOR,
@@ -497,6 +658,7 @@ class AepResource(dg.ConfigurableResource):
             },
             timeout=self.timeout_seconds,
             public_headers={"x-sandbox-name": self.sandbox_name},
+            retry=retry,
         )
         client = AepClient(http, auth, parsed)
         if isinstance(parsed.storage, DlzStorageOptions):

@@ -21,12 +21,20 @@ agrees with each):
   the ``match_column`` value (default ``unique_id``) into the ``field_name`` field. Subscriptions
   are not managed: ``resource_id`` is passed through for email/phone matching only.
 - Task states: ``pending`` → ``processing`` → ``completed`` | ``error`` (the seed shows only
-  ``completed``; API-NOTES names the others). An unknown state is treated as still running.
+  ``completed``; API-NOTES names the others). Any other word is ``JobState.UNKNOWN``: not final,
+  and ``vendor_status`` names it (a multi-task import is UNKNOWN while any task is).
 - A ``completed`` task's ``result.result`` lists one item per submitted profile in submission
   order: an item with ``error`` 0 (``status`` ``created``/``updated``, or just a ``profile_id``
   as in the seed) is imported, any other item fails with its ``error_text``; a missing item fails
   too, and ``result.error != 0`` fails every profile of the task. A task in ``error``, or one whose
   status answer is an ``error != 0`` envelope (e.g. "task not found"), fails all its profiles.
+- ``destination(options, retry=...)`` applies one :class:`RetryPolicy` to every call (the status
+  sensor passes one without 429, so a tick fails at once instead of sleeping for ``Retry-After``).
+- A submit whose answer was lost cannot be reconciled: the document has no way to list tasks
+  (``tasks/status`` needs the ``task_id`` the lost answer held). Sending again matches the same
+  profiles (``matching``) and updates them, so no profile is created twice; but the trigger
+  campaign is launched again for every resent profile, so they may get its message twice,
+  unless the feed sets ``skip_triggers``.
 """
 
 from __future__ import annotations
@@ -49,11 +57,20 @@ from audience_pipeline.destinations.base import (
     JobOutcome,
     JobState,
     JobStatus,
+    Reconciliation,
     RowFailure,
+    SubmitIntent,
+    cannot_reconcile,
     combine_states,
     every_row,
 )
-from audience_pipeline.destinations.http import VendorError, VendorHTTP, VendorHTTPError, parse_error_body
+from audience_pipeline.destinations.http import (
+    RetryPolicy,
+    VendorError,
+    VendorHTTP,
+    VendorHTTPError,
+    parse_error_body,
+)
 from audience_pipeline.destinations.json_batches import (
     Batch,
     encode_in_slices,
@@ -183,7 +200,7 @@ class _TaskStatus:
 
     @property
     def state(self) -> JobState:
-        return _STATES.get(self.vendor_status, JobState.RUNNING)
+        return _STATES.get(self.vendor_status, JobState.UNKNOWN)
 
 
 class AltcraftClient:
@@ -255,6 +272,22 @@ class AltcraftClient:
             },
         )
 
+    def reconcile(self, intent: SubmitIntent, rows: pd.DataFrame) -> Reconciliation:
+        """Altcraft cannot say whether a lost submit created tasks: see the module docstring."""
+        if self.options.skip_triggers:
+            triggers = "skip_triggers is set, so trigger events are not fired again"
+        else:
+            triggers = (
+                f"trigger {self.options.trigger_id} fires again for every resent profile "
+                "(skip_triggers is false), so they may get its message twice"
+            )
+        return cannot_reconcile(
+            VENDOR,
+            "the document has no way to list tasks (tasks/status needs the task_id of the lost answer); "
+            f"a resend matches and updates the same profiles (matching {self.options.matching}), "
+            f"but {triggers}",
+        )
+
     def _send(self, batch: Batch) -> ChunkJob | _Refusal:
         response = self.http.request(
             "POST",
@@ -286,8 +319,11 @@ class AltcraftClient:
         states = [s.state for s in statuses]
         combined = combine_states(states)
         names = [s.vendor_status for s in statuses]
+        unknown = sorted({n for n in names if n not in _STATES})
         if combined.terminal:
             vendor_status = next((n for n in (REFUSED, "error") if n in names), "completed")
+        elif combined is JobState.UNKNOWN:
+            vendor_status = "+".join(unknown)
         else:
             vendor_status = "processing" if combined is JobState.RUNNING else "pending"
         progress = [s.progress for s in statuses if s.progress is not None]
@@ -461,7 +497,7 @@ class AltcraftResource(dg.ConfigurableResource):
     max_profiles_per_request: int = MAX_PROFILES
     max_request_bytes: int = MAX_REQUEST_BYTES
 
-    def destination(self, options: dict) -> AltcraftClient:
+    def destination(self, options: dict, retry: RetryPolicy | None = None) -> AltcraftClient:
         http = VendorHTTP(
             VENDOR,
             self.base_url,
@@ -469,6 +505,7 @@ class AltcraftResource(dg.ConfigurableResource):
             secrets=[self.token],
             timeout=self.timeout_seconds,
             error_parser=parse_error,
+            retry=retry,
         )
         return AltcraftClient(
             http,

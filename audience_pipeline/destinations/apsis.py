@@ -31,6 +31,18 @@ Protocol choices where the vendor document is vague (the sandbox agrees with eac
 - An import that ends ``error`` imported none of its rows: all of its part's rows fail with the
   vendor's detail. One still ``waiting_for_file`` whose upload failed, or whose URL expired (plus
   a minute for clock skew), will never run: its rows fail with a reason saying to send them again.
+- A status word other than the four above is ``JobState.UNKNOWN`` (not final; the word is kept
+  in ``vendor_status``).
+- ``destination(options, retry=...)`` applies one :class:`RetryPolicy` to every call, the token
+  request included (the status sensor passes one without 429 so a tick never sleeps on it; the
+  pending-import 429 of ``submit`` is handled here, not by the policy).
+- A submit whose answer was lost cannot be reconciled: the document has no way to list imports
+  (only ``GET .../imports/{import_id}``, and the lost answer held the id). Sending again is safe:
+  profiles are keyed by ``key_field`` in the keyspace, so a row the lost import already applied
+  updates the same profile (``update_existing_profiles``), or is skipped and reported ignored
+  when that option is false; consents are set again to the same values. A lost import that never
+  received its file stays ``waiting_for_file`` until its upload URL expires, counting meanwhile
+  towards the three pending imports.
 """
 
 from __future__ import annotations
@@ -56,12 +68,21 @@ from audience_pipeline.destinations.base import (
     JobOutcome,
     JobState,
     JobStatus,
+    Reconciliation,
     RowFailure,
+    SubmitIntent,
+    cannot_reconcile,
     combine_states,
     every_row,
     line_to_row,
 )
-from audience_pipeline.destinations.http import VendorError, VendorHTTP, VendorHTTPError, retry_after_seconds
+from audience_pipeline.destinations.http import (
+    RetryPolicy,
+    VendorError,
+    VendorHTTP,
+    VendorHTTPError,
+    retry_after_seconds,
+)
 from audience_pipeline.destinations.oauth import (
     BearerTokens,
     Token,
@@ -377,6 +398,18 @@ class ApsisClient:
             },
         )
 
+    def reconcile(self, intent: SubmitIntent, rows: pd.DataFrame) -> Reconciliation:
+        """APSIS cannot say whether a lost submit created imports: see the module docstring."""
+        if self.options.update_existing_profiles:
+            resend = "a resend updates the same profiles (update_existing_profiles), matched by key"
+        else:
+            resend = "a resend skips profiles that exist already (update_existing_profiles is false)"
+        return cannot_reconcile(
+            VENDOR,
+            f"the document has no way to list imports (only to read one by the id the lost answer held); "
+            f"{resend} in keyspace {self.options.keyspace}, so sending again makes no duplicate profiles",
+        )
+
     def _request_import(self, request: dict[str, Any], *, done: list[str]) -> dict[str, Any]:
         """Ask for an import, waiting out 429 (three imports pending) as long as the options allow."""
         path = f"/v2/audience/sections/{self._section()}/imports"
@@ -436,7 +469,7 @@ class ApsisClient:
     def _chunk_state(self, handle: JobHandle, import_id: str, result: dict[str, Any]) -> tuple[JobState, str]:
         status = str(result.get("status"))
         if status != "waiting_for_file":
-            return _STATES.get(status, JobState.RUNNING), status
+            return _STATES.get(status, JobState.UNKNOWN), status
         if import_id in handle.extra.get("upload_errors", {}):
             return JobState.FAILED, "upload_failed"
         expires = _timestamp(
@@ -547,13 +580,14 @@ class ApsisResource(dg.ConfigurableResource):
     client_secret: str
     timeout_seconds: float = 60.0
 
-    def destination(self, options: dict) -> ApsisClient:
+    def destination(self, options: dict, retry: RetryPolicy | None = None) -> ApsisClient:
         http = VendorHTTP(
             VENDOR,
             self.base_url,
             headers={"Accept": "application/json"},
             secrets=(self.client_id, self.client_secret),
             timeout=self.timeout_seconds,
+            retry=retry,
         )
         return ApsisClient(
             http,

@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from audience_pipeline.destinations import aep, altcraft, apsis, cxi, yesmail
 from audience_pipeline.destinations.base import Destination
+from audience_pipeline.destinations.http import RetryPolicy
 from audience_pipeline.feeds.model import (
     AdobeExperiencePlatformDestination,
     AltcraftDestination,
@@ -21,7 +22,10 @@ from audience_pipeline.feeds.model import (
 
 
 class DestinationResource(Protocol):
-    def destination(self, options: dict) -> Destination: ...
+    def destination(self, options: dict, retry: RetryPolicy | None = None) -> Destination:
+        """A client for one feed; ``retry`` replaces the default policy on every HTTP client it builds
+        (the status sensor passes one that does not wait out 429)."""
+        ...
 
 
 _TYPES: dict[type, tuple[type[BaseModel], type[dg.ConfigurableResource]]] = {

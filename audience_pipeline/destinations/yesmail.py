@@ -23,6 +23,15 @@ Protocol choices where the vendor document is vague (the sandbox agrees with eac
   ``failed`` ticket (stopped by ``errorThreshold``) were not imported: they fail with the ticket's
   message. A ``failed`` ticket without results fails all its rows. ``vendor_counts`` sums the
   results' counts, with ``processed`` = ``completed``.
+- A ticket state other than the five above is ``JobState.UNKNOWN``: the import is not final while
+  any ticket is in one, and ``vendor_status`` names that word.
+- ``destination(options, retry=...)`` applies one :class:`RetryPolicy` to every call (the status
+  sensor passes one without 429, so a tick fails at once instead of sleeping for ``Retry-After``).
+- A submit whose answer was lost cannot be reconciled: the document has no way to list the
+  tickets of a target list (a ticket is read only through the ``Content-Location`` of its 202).
+  Sending again is safe: either ``importType`` is an upsert per member, keyed by ``id``;
+  ``update`` writes the same values again, ``ignore`` keeps the members the lost request added
+  and reports them ``ignored``. No member is added twice.
 """
 
 from __future__ import annotations
@@ -49,11 +58,14 @@ from audience_pipeline.destinations.base import (
     JobOutcome,
     JobState,
     JobStatus,
+    Reconciliation,
     RowFailure,
+    SubmitIntent,
+    cannot_reconcile,
     combine_states,
     every_row,
 )
-from audience_pipeline.destinations.http import VendorError, VendorHTTP, VendorHTTPError
+from audience_pipeline.destinations.http import RetryPolicy, VendorError, VendorHTTP, VendorHTTPError
 from audience_pipeline.destinations.json_batches import (
     Batch,
     encode_in_slices,
@@ -76,6 +88,10 @@ _STATES = {
 _PERCENT = re.compile(r"^\d+(\.\d+)?%$")
 DEFAULT_ATTRIBUTES = {"FIRSTNAME": "first_name", "LASTNAME": "last_name"}
 IGNORED_REASON = "already on the target list; importType ignore kept the existing member"
+
+
+def _state(word: str) -> JobState:
+    return _STATES.get(word, JobState.UNKNOWN)
 
 
 class YesmailOptions(VendorOptions):
@@ -221,6 +237,18 @@ class YesmailClient:
             },
         )
 
+    def reconcile(self, intent: SubmitIntent, rows: pd.DataFrame) -> Reconciliation:
+        """Yesmail cannot say whether a lost submit created tickets: see the module docstring."""
+        if self.options.import_type == "update":
+            resend = "importType update upserts each member by id, writing the same values again"
+        else:
+            resend = "importType ignore keeps members already on the list and reports them ignored"
+        return cannot_reconcile(
+            VENDOR,
+            "the document has no way to list the tickets of a target list (a ticket is known only from "
+            f"the 202 answer that was lost); resending is safe: {resend}",
+        )
+
     def _split(self, batch: Batch, head: bytes, tail: bytes, size: int) -> Iterable[Batch]:
         assert batch.records is not None, "batches come from pack_batches, which keeps their rows"
         return pack_batches(
@@ -275,21 +303,24 @@ class YesmailClient:
         for start in range(0, len(handle.jobs), window):
             tickets = self._map(handle, self._ticket, handle.jobs[start : start + window])
             states += [str(t.get("state")) for t in tickets]
-            if not all(_STATES.get(s, JobState.RUNNING).terminal for s in states[-len(tickets) :]):
+            if not all(_state(s).terminal for s in states[-len(tickets) :]):
                 break
-        known = [_STATES.get(s, JobState.RUNNING) for s in states]
+        known = [_state(s) for s in states]
         known += [JobState.PENDING] * (len(handle.jobs) - len(states))
         state = combine_states(known)
+        unknown = sorted({s for s in states if s not in _STATES})
         if state is JobState.SUCCEEDED:
             vendor_status = "completed"
         elif state is JobState.FAILED:
             vendor_status = "failed"
+        elif unknown:
+            vendor_status = "+".join(unknown)
         else:
-            vendor_status = next(
-                (s for s in states if not _STATES.get(s, JobState.RUNNING).terminal), "accepted"
-            )
+            vendor_status = next((s for s in states if not _state(s).terminal), "accepted")
         done = sum(s.terminal for s in known)
         detail = f"{done}/{len(known)} tickets ended"
+        if unknown:
+            detail += f"; ticket states this client does not know: {', '.join(unknown)}"
         return JobStatus(
             state=state, vendor_status=vendor_status, progress=100 * done / len(known), detail=detail
         )
@@ -389,12 +420,13 @@ class YesmailResource(dg.ConfigurableResource):
     max_members_per_request: int = 1000
     max_request_bytes: int = 10_000_000
 
-    def destination(self, options: dict) -> YesmailClient:
+    def destination(self, options: dict, retry: RetryPolicy | None = None) -> YesmailClient:
         http = VendorHTTP(
             VENDOR,
             self.base_url,
             headers={"Api-User": self.api_user, "Api-Key": self.api_key, "Accept": "application/json"},
             timeout=self.timeout_seconds,
+            retry=retry,
         )
         return YesmailClient(
             http,

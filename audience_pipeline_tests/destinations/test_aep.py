@@ -18,10 +18,10 @@ import pandas as pd
 import pytest
 
 from audience_pipeline.destinations import aep
-from audience_pipeline.destinations.aep import VENDOR, AepClient, AepOptions, ImsAuth
+from audience_pipeline.destinations.aep import VENDOR, AepClient, AepOptions, AepResource, ImsAuth
 from audience_pipeline.destinations.aep_storage import DlzStorageOptions, LandingZone
-from audience_pipeline.destinations.base import JobState
-from audience_pipeline.destinations.http import RetryPolicy, VendorAuthError, VendorHTTP
+from audience_pipeline.destinations.base import ChunkJob, JobHandle, JobState, SubmitIntent
+from audience_pipeline.destinations.http import RetryPolicy, VendorAuthError, VendorHTTP, VendorHTTPError
 from audience_pipeline.feeds.loader import FeedsFileError, load_feeds
 
 CLIENT_ID = "aep-unit-client-5c2e8f"
@@ -45,6 +45,10 @@ class FakeAep:
     blobs: dict[str, bytes] = field(default_factory=dict)
     sas_refusals: int = 0
     sas_error: str = "AuthenticationFailed"
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    operations: dict[str, dict[str, Any]] | None = None
+    refuse: dict[str, int] = field(default_factory=dict)
+    """Path suffix -> status answered for GETs of it (e.g. an endpoint the vendor does not offer)."""
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
@@ -75,6 +79,9 @@ class FakeAep:
         assert request.headers["x-sandbox-name"] == "prod" and request.headers["x-api-key"] == CLIENT_ID
         if request.headers.get("authorization", "").removeprefix("Bearer ") not in self.valid:
             return httpx.Response(401, json={"error_code": "100920-401", "message": "token expired"})
+        for suffix, status in self.refuse.items():
+            if method == "GET" and path.endswith(suffix):
+                return httpx.Response(status, json={"error_code": f"100940-{status}", "message": path})
         if path.endswith("/landingzone/credentials"):
             token = f"sv=2020-10-02&sr=c&sp=racwdl&sig={SIG}"
             uri = f"https://dlz.example.test/dlz-user-container?{token}"
@@ -88,14 +95,19 @@ class FakeAep:
                 202, json={"operationId": "op-1", "operationDetails": json.loads(request.content)}
             )
         if path.startswith(f"{AIS}/external-audiences/operations/"):
-            return httpx.Response(200, json={"operationId": "op-1", **self.run_status})
+            if self.operations is None:
+                return httpx.Response(200, json={"operationId": "op-1", **self.run_status})
+            op_id = path.rsplit("/", 1)[-1]
+            if op_id not in self.operations:
+                return httpx.Response(404, json={"error_code": "100940-404", "message": op_id})
+            return httpx.Response(200, json={"operationId": op_id, **self.operations[op_id]})
         if path.endswith("/runs") and method == "POST":
             if self.conflicts:
                 self.conflicts -= 1
                 return httpx.Response(409, json={"error_code": "100950-409", "message": "run in progress"})
             return httpx.Response(200, json={"runId": "run-1", **json.loads(request.content)})
         if path.endswith("/runs"):
-            return httpx.Response(200, json={"runs": []})
+            return httpx.Response(200, json={"runs": self.runs})
         if "/runs/" in path:
             return httpx.Response(200, json={"runId": "run-1", **self.run_status})
         if method == "PATCH":
@@ -343,3 +355,183 @@ def test_the_upload_streams_the_file_from_disk(tmp_path: Path) -> None:
     size = local.stat().st_size
     assert stored.size == size and int(seen["content-length"]) == size
     assert sum(chunks) == size and len(chunks) > 10 and max(chunks) <= 65_536
+
+
+RECORDED_AT = 1_800_000_000.0
+SENSOR_RETRY = RetryPolicy(attempts=2, retry_statuses=frozenset({500, 502, 503, 504}))
+
+
+def intent(*known: str) -> SubmitIntent:
+    return SubmitIntent(
+        feed="staff",
+        partition="p@2",
+        sha256="0" * 64,
+        attempt=2,
+        recorded_at=RECORDED_AT,
+        rows=3,
+        known_job_ids=frozenset(known),
+    )
+
+
+def run(run_id: str, created_at: float | None, status: str = "SUCCESS") -> dict[str, Any]:
+    body: dict[str, Any] = {"runId": run_id, "audienceId": "aud-1", "status": status}
+    if created_at is not None:
+        body["createdAt"] = int(created_at)
+    return body
+
+
+def dlz_audience() -> dict[str, Any]:
+    spec = {"params": {"path": "dlz-user-container/hr/staff.csv", "type": "file",
+                       "sourceType": "Cloud Storage", "cloudType": "DLZ"}}  # fmt: skip
+    return existing_audience(sourceSpec=spec)
+
+
+def test_reconcile_adopts_the_unrecorded_run_started_since_the_intent() -> None:
+    fake = FakeAep(
+        audiences=[dlz_audience()],
+        runs=[run("run-0", RECORDED_AT - 86_400), run("run-7", RECORDED_AT - 30)],
+    )
+    client = make_client(fake)
+    found = client.reconcile(intent("run-0"), rows())
+
+    assert found.certain and found.handle is not None and "run-7" in found.detail
+    handle = found.handle
+    assert [(j.job_id, j.first_row, j.row_count) for j in handle.jobs] == [("run-7", 0, 3)]
+    assert (handle.feed, handle.partition, handle.submitted_rows) == ("staff", "p@2", 3)
+    assert handle.extra == {
+        "custom_audience_id": "audience_pipeline.staff",
+        "source_path": "dlz-user-container/hr/staff.csv",
+        "cloud_type": "DLZ",
+        "not_sent_rows": [1],
+        "kind": "run",
+        "audience_id": "aud-1",
+    }
+    submitted = client.submit(rows(), feed="staff", partition="p@2")
+    assert submitted.extra == {**handle.extra, "kind": "run"} and set(submitted.extra) == set(handle.extra)
+
+    fake.run_status = {"status": "PROCESSING"}
+    assert client.status(handle).state is JobState.RUNNING
+    assert fake.requests[-1].url.path == f"{AIS}/external-audience/aud-1/runs/run-7"
+
+
+@pytest.mark.parametrize(
+    ("runs", "known", "operations"),
+    [
+        pytest.param([run("run-0", RECORDED_AT - 3600)], (), None, id="an-older-run"),
+        pytest.param([run("run-0", RECORDED_AT + 5)], ("run-0",), None, id="only-a-recorded-run"),
+        pytest.param([], ("run-x", "op-1"), {"op-1": {"status": "SUCCESS", "audienceId": "aud-1"}},
+                     id="created-by-a-recorded-operation"),
+    ],
+)  # fmt: skip
+def test_reconcile_says_nothing_arrived_when_the_audience_predates_the_intent_and_has_no_new_run(
+    runs: list[dict[str, Any]], known: tuple[str, ...], operations: dict[str, Any] | None
+) -> None:
+    fake = FakeAep(audiences=[existing_audience()], runs=runs, operations=operations)
+    found = make_client(fake).reconcile(intent(*known), rows())
+    assert (found.handle, found.certain) == (None, True)
+    assert "no ingestion run on audience aud-1" in found.detail
+    assert fake.bodies("POST", "/runs") == [] and not fake.blobs
+
+
+@pytest.mark.parametrize(
+    ("fake", "why"),
+    [
+        pytest.param(
+            FakeAep(audiences=[existing_audience()], refuse={"/runs": 404}),
+            "listing the ingestion runs of audience aud-1 answered 404",
+            id="runs-list-404",
+        ),
+        pytest.param(
+            FakeAep(audiences=[existing_audience()], refuse={"/external-audiences": 405}),
+            "by customAudienceId (not in the vendor document) answered 405",
+            id="audience-lookup-405",
+        ),
+        pytest.param(FakeAep(), "no audience 'audience_pipeline.staff' is listed", id="no-audience"),
+        pytest.param(
+            FakeAep(audiences=[existing_audience()], operations={"op-9": {"status": "SUCCESS",
+                                                                          "audienceId": "aud-other"}}),
+            "so that submit may have created it",
+            id="audience-maybe-created-by-the-lost-submit",
+        ),
+        pytest.param(
+            FakeAep(audiences=[existing_audience()], runs=[run("a", RECORDED_AT), run("b", RECORDED_AT + 9)]),
+            "2 runs this pipeline never recorded",
+            id="two-new-runs",
+        ),
+        pytest.param(
+            FakeAep(audiences=[existing_audience()], runs=[run("a", None)]),
+            "have no createdAt",
+            id="undated-run",
+        ),
+    ],
+)  # fmt: skip
+def test_reconcile_cannot_tell(fake: FakeAep, why: str) -> None:
+    found = make_client(fake).reconcile(intent("op-9"), rows())
+    assert (found.handle, found.certain) == (None, False)
+    assert found.detail.startswith(f"{VENDOR}: ") and why in found.detail
+
+
+def test_reconcile_raises_other_errors() -> None:
+    fake = FakeAep(audiences=[existing_audience()], refuse={"/runs": 500})
+    with pytest.raises(VendorHTTPError, match="500"):
+        make_client(fake).reconcile(intent(), rows())
+
+
+def test_an_unknown_status_word_is_unknown_and_kept() -> None:
+    fake = FakeAep(audiences=[existing_audience()], run_status={"status": "QUEUED", "details": []})
+    client = make_client(fake)
+    handle = client.submit(rows(), feed="staff", partition="p@2")
+    status = client.status(handle)
+    assert (status.state, status.vendor_status) == (JobState.UNKNOWN, "QUEUED")
+
+
+def _resource_client(
+    monkeypatch: pytest.MonkeyPatch, handler: Any, sleeps: list[float], retry: RetryPolicy | None
+) -> AepClient:
+    """``AepResource.destination`` with every VendorHTTP it builds answered by ``handler``."""
+    transport = httpx.MockTransport(handler)
+
+    def wired(*args: Any, **kwargs: Any) -> VendorHTTP:
+        kwargs["transport"] = kwargs.get("transport") or transport
+        return VendorHTTP(*args, **kwargs, sleep=sleeps.append)
+
+    monkeypatch.setattr(aep, "VendorHTTP", wired)
+    resource = AepResource(base_url=BASE, ims_url=IMS, client_id=CLIENT_ID, client_secret=SECRET, org_id=ORG)
+    return resource.destination({"audience_name": "All staff"}, retry=retry)
+
+
+@pytest.mark.parametrize("limited", ["ims.example.test", "platform.example.test"])
+def test_the_retry_policy_reaches_platform_and_ims_so_a_sensor_429_raises_at_once(
+    monkeypatch: pytest.MonkeyPatch, limited: str
+) -> None:
+    fake = FakeAep(audiences=[existing_audience()])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == limited:
+            fake.requests.append(request)
+            return httpx.Response(429, headers={"Retry-After": "3600"}, json={"message": "slow down"})
+        return fake(request)
+
+    job = ChunkJob(job_id="run-1", first_row=0, row_count=3)
+    handle = JobHandle(
+        vendor=VENDOR, feed="staff", partition="p@2", jobs=[job], submitted_rows=3,
+        extra={"kind": "run", "audience_id": "aud-1"},
+    )  # fmt: skip
+    sleeps: list[float] = []
+    client = _resource_client(monkeypatch, handler, sleeps, SENSOR_RETRY)
+    try:
+        assert client.http.retry is SENSOR_RETRY
+        with pytest.raises(VendorHTTPError) as caught:
+            client.status(handle)
+        assert (caught.value.status, caught.value.attempts, sleeps) == (429, 1, [])
+    finally:
+        client.close()
+
+    aep._TOKENS.clear()
+    default = _resource_client(monkeypatch, handler, sleeps, None)
+    try:
+        with pytest.raises(VendorHTTPError) as caught:
+            default.status(handle)
+        assert caught.value.attempts == 5 and sleeps == [120.0] * 4  # Retry-After, capped
+    finally:
+        default.close()

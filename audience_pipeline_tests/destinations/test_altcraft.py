@@ -19,6 +19,7 @@ import httpx
 import pandas as pd
 import pytest
 
+from audience_pipeline.destinations import altcraft
 from audience_pipeline.destinations.altcraft import (
     IMPORT_PATH,
     MAX_REQUEST_BYTES,
@@ -28,8 +29,8 @@ from audience_pipeline.destinations.altcraft import (
     AltcraftOptions,
     AltcraftResource,
 )
-from audience_pipeline.destinations.base import JobHandle, JobState
-from audience_pipeline.destinations.http import VendorAuthError, VendorHTTPError
+from audience_pipeline.destinations.base import ChunkJob, JobHandle, JobState, SubmitIntent
+from audience_pipeline.destinations.http import RetryPolicy, VendorAuthError, VendorHTTP, VendorHTTPError
 from audience_pipeline.feeds.loader import FeedsFileError, load_feeds
 from audience_pipeline.redact import redact
 from audience_pipeline_tests.destinations.fakes import fake_http
@@ -266,7 +267,7 @@ def test_running_tasks_combine_into_one_state(make_client, fake: FakeAltcraft) -
     for state, expected in [
         ("pending", (JobState.PENDING, "pending")),
         ("processing", (JobState.RUNNING, "processing")),
-        ("queued", (JobState.RUNNING, "processing")),
+        ("queued", (JobState.UNKNOWN, "queued")),
         ("error", (JobState.FAILED, "error")),
     ]:
         fake.state = state
@@ -532,3 +533,68 @@ def test_resource_builds_a_client_with_its_limits() -> None:
         assert redact(f"x {TOKEN} y") == "x *** y"
     finally:
         client.close()
+
+
+SENSOR_RETRY = RetryPolicy(attempts=2, retry_statuses=frozenset({500, 502, 503, 504}))
+
+
+def test_one_task_in_an_unknown_state_makes_the_import_unknown(make_client, fake: FakeAltcraft) -> None:
+    client = make_client(limits={"max_profiles": 1})
+    handle = client.submit(rows(2), feed="f", partition="p")
+    fake.status_answers[handle.jobs[0].job_id] = httpx.Response(
+        200, json={"data": {"status": "paused", "progress": 10}, "error": 0}
+    )
+
+    status = client.status(handle)
+    assert (status.state, status.vendor_status) == (JobState.UNKNOWN, "paused")
+    assert status.detail == "1 paused, 1 completed"
+    with pytest.raises(Exception, match="is paused"):
+        client.outcome(handle)
+
+
+@pytest.mark.parametrize(
+    ("skip_triggers", "triggers"),
+    [(False, "trigger 96 fires again for every resent profile"), (True, "skip_triggers is set")],
+)
+def test_reconcile_cannot_tell_and_says_what_a_resend_does(
+    make_client, fake: FakeAltcraft, skip_triggers: bool, triggers: str
+) -> None:
+    intent = SubmitIntent(feed="f", partition="p", sha256="0" * 64, attempt=2, recorded_at=0.0, rows=3)
+    found = make_client(skip_triggers=skip_triggers).reconcile(intent, rows())
+    assert (found.handle, found.certain) == (None, False)
+    assert found.detail.startswith(f"{VENDOR}: the document has no way to list tasks")
+    assert "matches and updates the same profiles (matching email)" in found.detail
+    assert triggers in found.detail and fake.bodies == [] and fake.polled == []
+
+
+def test_the_retry_policy_reaches_the_http_client_so_a_sensor_429_raises_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def limited(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(429, headers={"Retry-After": "3600"}, json={"error": 429, "error_text": "slow"})
+
+    sleeps: list[float] = []
+
+    def wired(*args: Any, **kwargs: Any) -> VendorHTTP:
+        return VendorHTTP(*args, **kwargs, transport=httpx.MockTransport(limited), sleep=sleeps.append)
+
+    monkeypatch.setattr(altcraft, "VendorHTTP", wired)
+    resource = AltcraftResource(base_url=BASE_URL, token=TOKEN)
+    job = ChunkJob(job_id="task-1", first_row=0, row_count=1)
+    handle = JobHandle(vendor=VENDOR, feed="f", partition="p", jobs=[job], submitted_rows=1)
+
+    client = resource.destination({"trigger_id": 5}, retry=SENSOR_RETRY)
+    try:
+        assert client.http.retry is SENSOR_RETRY
+        with pytest.raises(VendorHTTPError) as caught:
+            client.status(handle)
+        assert (caught.value.status, caught.value.attempts, sleeps) == (429, 1, [])
+    finally:
+        client.close()
+    default = resource.destination({"trigger_id": 5})
+    try:
+        with pytest.raises(VendorHTTPError) as caught:
+            default.status(handle)
+        assert caught.value.attempts == 5 and sleeps == [120.0] * 4  # Retry-After, capped
+    finally:
+        default.close()

@@ -20,6 +20,7 @@ import httpx
 import pandas as pd
 import pytest
 
+from audience_pipeline.destinations import apsis
 from audience_pipeline.destinations.apsis import (
     VENDOR,
     ApsisClient,
@@ -29,10 +30,12 @@ from audience_pipeline.destinations.apsis import (
     plan_parts,
     serialise,
 )
-from audience_pipeline.destinations.base import JobState
+from audience_pipeline.destinations.base import ChunkJob, JobHandle, JobState, SubmitIntent
 from audience_pipeline.destinations.http import (
+    RetryPolicy,
     VendorAuthError,
     VendorError,
+    VendorHTTP,
     VendorHTTPError,
 )
 from audience_pipeline.destinations.registry import build_resource
@@ -498,3 +501,70 @@ def test_feeds_file_with_apsis_loads_and_secrets_stay_env_vars(tmp_path: Path) -
     assert isinstance(resource, ApsisResource)
     assert isinstance(resource.client_secret, dg.EnvVar) and resource.client_secret == "APSIS_SECRET"
     assert isinstance(resource.client_id, dg.EnvVar)
+
+
+SENSOR_RETRY = RetryPolicy(attempts=2, retry_statuses=frozenset({500, 502, 503, 504}))
+
+
+def test_an_unknown_import_status_makes_the_import_unknown_and_is_named(make_client, fake: FakeApsis) -> None:
+    client = make_client(max_file_bytes=80)
+    handle = client.submit(rows(2), feed="f", partition="p")
+    fake.finish("imp-1", "validating")
+    fake.finish("imp-2", "completed")
+
+    status = client.status(handle)
+    assert (status.state, status.vendor_status) == (JobState.UNKNOWN, "completed+validating")
+    with pytest.raises(VendorError, match="still validating"):
+        client.outcome(handle)
+
+
+@pytest.mark.parametrize(
+    ("update", "resend"),
+    [(True, "updates the same profiles (update_existing_profiles)"), (False, "skips profiles that exist")],
+)
+def test_reconcile_cannot_tell_and_says_why_a_resend_is_safe(
+    make_client, fake: FakeApsis, update: bool, resend: str
+) -> None:
+    intent = SubmitIntent(feed="f", partition="p", sha256="0" * 64, attempt=2, recorded_at=0.0, rows=3)
+    found = make_client(update_existing_profiles=update).reconcile(intent, rows())
+    assert (found.handle, found.certain) == (None, False)
+    assert found.detail.startswith(f"{VENDOR}: the document has no way to list imports")
+    assert resend in found.detail and fake.requests == []
+
+
+def test_the_retry_policy_reaches_the_http_client_so_a_sensor_429_raises_at_once(
+    monkeypatch: pytest.MonkeyPatch, fake: FakeApsis
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/oauth/token":
+            return fake(request)
+        return httpx.Response(429, headers={"Retry-After": "3600"}, json={"status": 429, "detail": "slow"})
+
+    sleeps: list[float] = []
+
+    def wired(*args: Any, **kwargs: Any) -> VendorHTTP:
+        return VendorHTTP(*args, **kwargs, transport=httpx.MockTransport(handler), sleep=sleeps.append)
+
+    monkeypatch.setattr(apsis, "VendorHTTP", wired)
+    monkeypatch.setattr(apsis, "TOKENS", TokenCache())
+    resource = ApsisResource(base_url=BASE_URL, client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
+    job = ChunkJob(job_id="imp-1", first_row=0, row_count=1)
+    handle = JobHandle(
+        vendor=VENDOR, feed="f", partition="p", jobs=[job], submitted_rows=1, extra={"section": SECTION}
+    )
+
+    client = resource.destination({"section": SECTION}, retry=SENSOR_RETRY)
+    try:
+        assert client.http.retry is SENSOR_RETRY
+        with pytest.raises(VendorHTTPError) as caught:
+            client.status(handle)
+        assert (caught.value.status, caught.value.attempts, sleeps) == (429, 1, [])
+    finally:
+        client.close()
+    default = resource.destination({"section": SECTION})
+    try:
+        with pytest.raises(VendorHTTPError) as caught:
+            default.status(handle)
+        assert caught.value.attempts == 5 and sleeps == [120.0] * 4  # Retry-After, capped
+    finally:
+        default.close()

@@ -17,8 +17,9 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from audience_pipeline.destinations.base import JobState
-from audience_pipeline.destinations.http import RetryPolicy, VendorAuthError
+from audience_pipeline.destinations import yesmail
+from audience_pipeline.destinations.base import ChunkJob, JobHandle, JobState, SubmitIntent
+from audience_pipeline.destinations.http import RetryPolicy, VendorAuthError, VendorHTTP, VendorHTTPError
 from audience_pipeline.destinations.yesmail import (
     IGNORED_REASON,
     YesmailClient,
@@ -41,6 +42,7 @@ class FakeYesmail:
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     final_state: str = "completed"
     running_polls: int = 1
+    state_of: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
@@ -79,7 +81,7 @@ class FakeYesmail:
             ticket = self.tickets[ticket_id]
             ticket["polls"] += 1
             done = ticket["polls"] > self.running_polls
-            state = self.final_state if done else "processing"
+            state = self.state_of.get(ticket_id) or (self.final_state if done else "processing")
             body = {
                 "id": ticket_id,
                 "state": state,
@@ -332,3 +334,65 @@ def test_resource_builds_a_client_with_the_account_limits() -> None:
         assert client.options.import_type == "update"
     finally:
         client.close()
+
+
+SENSOR_RETRY = RetryPolicy(attempts=2, retry_statuses=frozenset({500, 502, 503, 504}))
+
+
+def test_an_unknown_ticket_state_makes_the_import_unknown_and_is_named() -> None:
+    fake = FakeYesmail(running_polls=0, state_of={"t0001": "on_hold"})
+    client = _client(fake, per_request=2)
+    handle = client.submit(_rows(["a@x.com", "b@x.com", "c@x.com", "d@x.com"]), feed="f", partition="p")
+    assert [job.job_id for job in handle.jobs] == ["t0000", "t0001"]
+
+    status = client.status(handle)
+    assert (status.state, status.vendor_status) == (JobState.UNKNOWN, "on_hold")
+    assert "1/2 tickets ended" in status.detail and "on_hold" in status.detail
+
+    fake.state_of.clear()
+    assert client.status(handle).state is JobState.SUCCEEDED
+
+
+@pytest.mark.parametrize(
+    ("import_type", "resend"), [("update", "importType update upserts"), ("ignore", "importType ignore")]
+)
+def test_reconcile_cannot_tell_and_says_why_a_resend_is_safe(import_type: str, resend: str) -> None:
+    fake = FakeYesmail()
+    intent = SubmitIntent(feed="f", partition="p", sha256="0" * 64, attempt=2, recorded_at=0.0, rows=1)
+    found = _client(fake, import_type=import_type).reconcile(intent, _rows(["a@x.com"]))
+    assert (found.handle, found.certain) == (None, False)
+    assert found.detail.startswith("yesmail: the document has no way to list the tickets")
+    assert resend in found.detail and fake.posts == []
+
+
+def test_the_retry_policy_reaches_the_http_client_so_a_sensor_429_raises_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def limited(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(429, headers={"Retry-After": "3600"}, json={"error": {"message": "slow"}})
+
+    sleeps: list[float] = []
+
+    def wired(*args: Any, **kwargs: Any) -> VendorHTTP:
+        return VendorHTTP(*args, **kwargs, transport=httpx.MockTransport(limited), sleep=sleeps.append)
+
+    monkeypatch.setattr(yesmail, "VendorHTTP", wired)
+    resource = YesmailResource(base_url=BASE, api_user=USER, api_key=KEY)
+    job = ChunkJob(job_id="t1", first_row=0, row_count=1)
+    handle = JobHandle(vendor="yesmail", feed="f", partition="p", jobs=[job], submitted_rows=1)
+
+    client = resource.destination({"target_list": "l"}, retry=SENSOR_RETRY)
+    try:
+        assert client.http.retry is SENSOR_RETRY
+        with pytest.raises(VendorHTTPError) as caught:
+            client.status(handle)
+        assert (caught.value.status, caught.value.attempts, sleeps) == (429, 1, [])
+    finally:
+        client.close()
+    default = resource.destination({"target_list": "l"})
+    try:
+        with pytest.raises(VendorHTTPError) as caught:
+            default.status(handle)
+        assert caught.value.attempts == 5 and sleeps == [120.0] * 4  # Retry-After, capped
+    finally:
+        default.close()

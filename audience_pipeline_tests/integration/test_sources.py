@@ -12,7 +12,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from audience_pipeline.sensors import files_settling, new_files_sensor_name, report_schedule_name
+from audience_pipeline.automation.arrival import files_settling, new_files_sensor_name, report_schedule_name
 from audience_pipeline.sources import http_report
 from audience_pipeline.sources.base import hash_file, partition_key
 from audience_pipeline_tests.conftest import S3Server
