@@ -22,6 +22,7 @@ import pandas as pd
 
 from audience_pipeline.csv_reader import CsvFileError
 from audience_pipeline.destinations.base import JobHandle, JobOutcome, SubmitIntent, every_row
+from audience_pipeline.destinations.http import VendorHTTPError
 from audience_pipeline.feeds.model import Feed, FeedsFile
 from audience_pipeline.locks import held
 from audience_pipeline.normalize import MappingError
@@ -49,6 +50,9 @@ REJECTION_CHECK = "rejection_rate_within_threshold"
 ACCOUNTING_CHECK = "row_accounting_adds_up"
 INTENT_KEY = "submit_intent"
 SUBMITTED_KEY = "submitted_handle"
+REFUSED_KEY = "submit_refused"
+NOT_APPLIED_STATUSES = frozenset({400, 401, 403, 404, 405, 409, 413, 415, 422, 429, 503})
+"""Answers that say the vendor did not take the request: the intent is closed, not reconciled."""
 SUBMIT_LOCK_SECONDS = 3600.0
 REFUSED = {OUTCOME_METADATA: "refused"}
 
@@ -319,7 +323,7 @@ def _record_value(record: dg.EventLogRecord) -> tuple[str, dict] | None:
     """``(kind, value)`` of a submit record: an intent, or a handle (observed or materialized)."""
     event = record.asset_observation or record.asset_materialization
     metadata = event.metadata if event is not None else {}
-    for kind in (INTENT_KEY, SUBMITTED_KEY, "job_handle"):
+    for kind in (INTENT_KEY, SUBMITTED_KEY, REFUSED_KEY, "job_handle"):
         if kind in metadata and isinstance(metadata[kind].value, dict):
             return kind, metadata[kind].value
     return None
@@ -331,7 +335,7 @@ def _known_job_ids(instance: dg.DagsterInstance, keys: FeedKeys) -> frozenset[st
     for fetch in (instance.fetch_materializations, instance.fetch_observations):
         for record in fetch(dg.AssetRecordsFilter(asset_key=keys.import_job), limit=200).records:
             value = _record_value(record)
-            if value and value[0] != INTENT_KEY:
+            if value and value[0] in (SUBMITTED_KEY, "job_handle"):
                 ids.update(job["job_id"] for job in value[1].get("jobs", []))
     return frozenset(ids)
 
@@ -348,7 +352,7 @@ def _submit_once(
     latest = next(
         (v for r in _observations(context.instance, keys, partition) if (v := _record_value(r))), None
     )
-    if latest is not None and latest[0] != INTENT_KEY and not config.force:
+    if latest is not None and latest[0] in (SUBMITTED_KEY, "job_handle") and not config.force:
         handle = JobHandle.model_validate(latest[1])
         context.log.info(
             f"{partition} was already submitted as {handle.key}; not importing the same "
@@ -392,7 +396,12 @@ def _submit_once(
             known_job_ids=known,
         )
         _observe(context, keys, INTENT_KEY, {**intent.__dict__, "known_job_ids": sorted(known)})
-        handle = client.submit(rows, feed=feed.name, partition=partition)
+        try:
+            handle = client.submit(rows, feed=feed.name, partition=partition)
+        except VendorHTTPError as exc:
+            if exc.status in NOT_APPLIED_STATUSES:  # a clear no: nothing to reconcile next time
+                _observe(context, keys, REFUSED_KEY, {"status": exc.status, "attempt": intent.attempt})
+            raise
         if notes:
             handle = handle.model_copy(update={"extra": {**handle.extra, "notes": notes}})
         _observe(context, keys, SUBMITTED_KEY, handle.model_dump(mode="json"))

@@ -70,6 +70,8 @@ class SensorDriver:
         ):
             time.sleep(self.settle_seconds)
             requests += self._evaluate(sensor, sensor_name)
+        if not requests:
+            return []  # a sensor without a job (alerts) has no job_name to ask for
         return self.launch(requests, sensor.job_name, SENSOR_TAG, sensor_name)
 
     def tick_schedule(self, schedule_name: str) -> list[dg.DagsterRun]:

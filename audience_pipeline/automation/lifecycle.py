@@ -140,7 +140,9 @@ def run_error(instance: dg.DagsterInstance, run: dg.DagsterRun) -> tuple[str, st
             while error.cause is not None:  # Dagster wraps what the step raised: show that
                 error = error.cause
             text = error.message.strip().splitlines()[-1] if error.message else str(error)
-            return redact(text.split(": ", 1)[-1] if error.cls_name == "Failure" else text), outcome
+            if error.cls_name == "Failure" or text.split(": ", 1)[0].endswith(f".{error.cls_name}"):
+                text = text.split(": ", 1)[-1]  # "audience_pipeline….VendorHTTPError: …" says it twice
+            return redact(text), outcome
         if user is not None and user.description:
             return redact(user.description), outcome
     records = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.RUN_FAILURE).records

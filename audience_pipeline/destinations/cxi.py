@@ -14,6 +14,9 @@ Protocol choices where the vendor document is vague (the sandbox agrees with eac
   field name is matched against the header text and a naive parser would keep the quotes.
 - Several ``errorMessages`` for one line become one failure with the messages joined; a line
   outside the upload (or none) is kept as a note, since it cannot be tied to a row.
+- A PUT of a new file is not retried after the request may have arrived (dropped connection,
+  read timeout), although PUT is idempotent in HTTP: each PUT starts an import job, and a
+  repeated one would import the file twice. The next attempt reconciles instead.
 - Reconciling a submit whose answer was lost uses only documented fields: the import found by
   name, its ``asyncJobId`` (the latest job) and ``updatedAt``/``createdAt``. A job this pipeline
   never recorded, on an import created or updated after the intent was written (less
@@ -176,7 +179,7 @@ class CommunicateXIClient:
             path,
             data=form,
             files={"file": (file_name, payload, "text/csv")},
-            idempotent=method == "PUT",
+            idempotent=False,  # a PUT with a file starts a new job: repeating it is a second import
         )
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, dict) or not data.get("asyncJobId") or not data.get("id"):
