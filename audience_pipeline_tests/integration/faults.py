@@ -107,7 +107,9 @@ def states(instance: dg.DagsterInstance, keys) -> dict[str, PartitionState]:
     return feed_states(instance, keys, keys.feed.retries)
 
 
-def assert_nothing_lost(instance: dg.DagsterInstance, keys, sandbox: SandboxServer) -> dict[str, PartitionState]:
+def assert_nothing_lost(
+    instance: dg.DagsterInstance, keys, sandbox: SandboxServer
+) -> dict[str, PartitionState]:
     """Every partition ended; each reported one adds up; one vendor import per file content; every
     import the pipeline recorded has its own report."""
     found = states(instance, keys)
