@@ -109,6 +109,7 @@ def test_a_bad_base_url_fixed_later_is_retried(
     [
         pytest.param({"kind": "drop", "after": True}, id="connection-dropped-after-create"),
         pytest.param({"kind": "html", "after": True}, id="html-200-after-create"),
+        pytest.param({"kind": "delay", "after": True, "delay_seconds": 6}, id="read-timeout-after-create"),
     ],
 )
 def test_an_accepted_but_unanswered_create_is_adopted_not_sent_again(
@@ -129,7 +130,9 @@ def test_an_accepted_but_unanswered_create_is_adopted_not_sent_again(
     assert pipeline.report_rows()  # the adopted import's report, with its failed rows
 
 
-def test_a_second_file_is_not_taken_for_the_lost_one(pipeline_factory: PipelineFactory, hook: Webhook) -> None:
+def test_a_second_file_is_not_taken_for_the_lost_one(
+    pipeline_factory: PipelineFactory, hook: Webhook
+) -> None:
     """After a good first file, a lost answer on the next file's PUT: the earlier job is known,
     the new one is adopted, and nothing is sent twice."""
     pipeline = start(pipeline_factory)
@@ -162,7 +165,9 @@ def test_an_import_that_never_ends_times_out_with_every_row_reported(
     assert "secret-token" not in hook.texts[0]
 
 
-def test_status_polls_that_keep_failing_end_the_import(pipeline_factory: PipelineFactory, hook: Webhook) -> None:
+def test_status_polls_that_keep_failing_end_the_import(
+    pipeline_factory: PipelineFactory, hook: Webhook
+) -> None:
     pipeline = start(pipeline_factory, max_poll_errors=3)
     pipeline.sandbox.add_fault(vendor="cxi", path_contains="/status", kind="html", times=100)
 
@@ -175,10 +180,14 @@ def test_status_polls_that_keep_failing_end_the_import(pipeline_factory: Pipelin
     assert len(polls) == 3  # exactly max_poll_errors, then the pipeline stopped asking
 
 
-def test_a_429_on_a_status_poll_does_not_hold_the_tick(pipeline_factory: PipelineFactory, hook: Webhook) -> None:
+def test_a_429_on_a_status_poll_does_not_hold_the_tick(
+    pipeline_factory: PipelineFactory, hook: Webhook
+) -> None:
     pipeline = start(pipeline_factory)
     pipeline.ingest()
-    pipeline.sandbox.add_fault(vendor="cxi", path_contains="/status", kind="status", status=429, retry_after=120)
+    pipeline.sandbox.add_fault(
+        vendor="cxi", path_contains="/status", kind="status", status=429, retry_after=120
+    )
 
     started = time.monotonic()
     pipeline.driver.tick(f"{FEED}__import_status")
@@ -224,7 +233,9 @@ def test_a_report_that_keeps_failing_needs_attention_and_alerts(
     assert len(hook.texts) == 1  # announced once
 
 
-def test_an_ingest_that_keeps_failing_needs_attention(pipeline_factory: PipelineFactory, hook: Webhook) -> None:
+def test_an_ingest_that_keeps_failing_needs_attention(
+    pipeline_factory: PipelineFactory, hook: Webhook
+) -> None:
     pipeline = start(pipeline_factory, max_attempts=2)
     pipeline.sandbox.add_fault(vendor="cxi", method="POST", kind="status", status=401, times=100)
 
