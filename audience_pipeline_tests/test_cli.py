@@ -68,6 +68,6 @@ def test_sync_imports_new_files_once(
     second = capsys.readouterr().out
 
     summary = [line for line in first.splitlines() if line.startswith("all_staff_cxi ")]
-    assert len(summary) == 1 and summary[0].split()[2:8] == ["200", "6", "192", "2", "0", "failed"]
+    assert len(summary) == 1 and summary[0].split()[2:8] == ["200", "6", "192", "2", "0", "completed_with_failures"]
     assert (tmp_path / "home" / "reports" / "all_staff_cxi").is_dir()
-    assert second.strip().endswith("no new files")
+    assert second.strip().endswith("no new files, and nothing unfinished")

@@ -51,7 +51,6 @@ def _feeds(source: dict) -> FeedsFile:
     )
 
 
-
 @pytest.fixture(autouse=True)
 def cxi_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     """The destination's key comes from the environment, as every secret in a feeds file must."""
@@ -331,7 +330,7 @@ def test_report_schedule_imports_only_new_content(tmp_path: Path) -> None:
     defs = build_definitions(feeds, tmp_path / "home")
     schedule = defs.resolve_schedule_def(f"{FEED}__report_pull")
     assert schedule.cron_schedule == "0 6 * * *"
-    assert {s.name for s in defs.sensors} == {f"{FEED}__import_status"}
+    assert {s.name for s in defs.sensors} == {f"{FEED}__import_status", f"{FEED}__ingest_retries"}
     source = MemoryReport(b"Employee ID,Email\nE1,a@example.com\n")
     with dg.instance_for_test() as instance:
 

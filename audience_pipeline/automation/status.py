@@ -60,6 +60,8 @@ POLL_RETRY = RetryPolicy(
 )
 """Sensor-side calls: one quick retry of a server error, never a wait on Retry-After."""
 STATUS_SUFFIX = "__import_status"
+LOST_REQUEST_SECONDS = 120.0
+"""A report run requested this long ago that never started is requested again (same run key)."""
 
 
 def status_sensor_name(feed: str) -> str:
@@ -282,17 +284,22 @@ def _report_requests(
         if any(r.dagster_run.status not in FINISHED_STATUSES for r in runs):
             continue
         failed = [r for r in runs if not r.dagster_run.is_success]
-        if entry["att"] and len(failed) >= retries.max_attempts:
+        if entry["att"] and not runs:
+            if now - entry["at"] < LOST_REQUEST_SECONDS:
+                continue  # requested, not started yet
+            entry["at"] = now  # the request was lost (a tick whose result was dropped): ask again, same key
+        elif entry["att"] and len(failed) >= retries.max_attempts:
             context.log.error(
                 f"{partition}: the failure report of import {key} failed {len(failed)} times; "
                 "it needs attention (re-run its report job once the cause is fixed)"
             )
             tracked.pop(key)
             continue
-        if entry["att"] and runs and now < entry["at"] + retries.delay(len(failed)):
+        elif entry["att"] and now < entry["at"] + retries.delay(len(failed)):
             continue
-        entry["att"] += 1
-        entry["at"] = now
+        else:
+            entry["att"] += 1
+            entry["at"] = now
         run_key = f"{key}:{entry['final']}" + (f"#report{entry['att']}" if entry["att"] > 1 else "")
         tags = {IMPORT_TAG: key, VENDOR_STATUS_TAG: entry["final"], FINAL_STATE_TAG: entry["final"]}
         if entry["final"] in POLL_GAVE_UP:
