@@ -18,7 +18,13 @@ def write_offline_feeds(root: Path) -> FeedsFile:
     config = {
         "sources": {"hr_drop": {"type": "folder", "path": str(root / "incoming")}},
         "destinations": {
-            "cxi": {"type": "communicate_xi", "base_url": "http://127.0.0.1:9", "api_key": "k" * 12}
+            # Secrets must be ${VAR}; the variable stays unset because the tests put a fake vendor
+            # in the destination's place, so the CXI resource is never built into a run.
+            "cxi": {
+                "type": "communicate_xi",
+                "base_url": "http://127.0.0.1:9",
+                "api_key": "${OFFLINE_CXI_KEY}",
+            }
         },
         "feeds": [
             {

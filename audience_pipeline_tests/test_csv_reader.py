@@ -446,7 +446,7 @@ def test_feed_options_for_files_load_with_defaults(tmp_path: Path) -> None:
     feeds_file = tmp_path / "feeds.yaml"
     feeds_file.write_text(
         "sources: {drop: {type: folder, path: in}}\n"
-        "destinations: {cxi: {type: communicate_xi, base_url: http://x, api_key: k}}\n"
+        "destinations: {cxi: {type: communicate_xi, base_url: http://x, api_key: '${CXI_API_KEY}'}}\n"
         "feeds:\n"
         "  - {name: a, source: drop, destination: cxi, mapping: {unique_id: ID, email: E},\n"
         "     options: {import_name: A}}\n"

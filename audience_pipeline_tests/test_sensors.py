@@ -14,12 +14,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from audience_pipeline.automation import arrival as sensors
 from audience_pipeline.assets import FeedKeys
+from audience_pipeline.automation import arrival as sensors
+from audience_pipeline.automation.arrival import FileCursor, files_settling
 from audience_pipeline.definitions import build_definitions
 from audience_pipeline.feeds.model import FeedsFile
 from audience_pipeline.redact import register_secret
-from audience_pipeline.automation.arrival import FileCursor, files_settling
 from audience_pipeline.sources.base import SourceFile, partition_key
 
 FEED = "staff"

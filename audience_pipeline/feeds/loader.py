@@ -5,6 +5,10 @@ is exactly ``${VAR}`` becomes a :class:`SecretRef` (resolved late, through ``dg.
 never printed); ``${VAR}`` inside a longer string is interpolated at load time, which suits paths
 like ``${HOME}/hr-drop`` but not secrets. Relative folder paths are relative to the feeds file.
 Every problem is reported as ``FeedsFileError`` naming the file, the key and what was expected.
+
+Loading needs no environment: whole ``${VAR}`` references are only resolved when a resource is
+built. :func:`check_environment` reports, one line each, the variables the selected feeds need
+that are not set (or, for endpoints, do not hold an http(s) URL) before anything runs.
 """
 
 from __future__ import annotations
@@ -13,15 +17,24 @@ import difflib
 import os
 import re
 import types
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from audience_pipeline.feeds.model import FeedsFile, FolderSource, SecretRef
-from audience_pipeline.redact import register_secret
+from audience_pipeline.feeds.model import (
+    HTTP_URL_ERROR,
+    SECRET_LITERAL_ERROR,
+    FeedsFile,
+    FolderSource,
+    SecretRef,
+    is_http_url,
+    is_secret_field,
+    is_url_field,
+)
+from audience_pipeline.redact import redact, register_secret
 
 FEEDS_ENV_VAR = "AUDIENCE_PIPELINE_FEEDS"
 DEMO_FEEDS = Path(__file__).parent / "demo" / "feeds.yaml"
@@ -73,6 +86,10 @@ def load_feeds(path: Path | str | None = None) -> FeedsFile:
     return _anchor_folders(feeds, path.parent)
 
 
+_YAML_BOOL = "tag:yaml.org,2002:bool"
+_YAML_STR = "tag:yaml.org,2002:str"
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML keeps the last of two equal keys; a pasted-twice source or feed must be an error."""
 
@@ -81,6 +98,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
                 continue
+            if key_node.tag == _YAML_BOOL and key_node.style is None:
+                # YAML 1.1 reads a bare ``on:``/``yes:``/``off:`` key as a boolean; every key in a
+                # feeds file is a name (``alerts: {on: [...]}``), so keep it as written.
+                key_node.tag = _YAML_STR
             if key_node.value in seen:
                 raise yaml.constructor.ConstructorError(
                     None,
@@ -92,29 +113,119 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+_Loc = tuple[str | int, ...]
+
+
+def _refs_in(
+    value: object, loc: _Loc, owner: type[BaseModel] | None = None
+) -> Iterator[tuple[_Loc, type[BaseModel] | None, SecretRef]]:
+    """``(key path, model holding the key, reference)`` for every ``${VAR}`` under ``value``."""
+    if isinstance(value, SecretRef):
+        yield loc, owner, value
+    elif isinstance(value, BaseModel):
+        for name, item in value.__dict__.items():
+            yield from _refs_in(item, (*loc, name), type(value))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _refs_in(item, (*loc, key))
+
+
+def _all_refs(feeds: FeedsFile) -> Iterator[tuple[_Loc, type[BaseModel] | None, SecretRef]]:
+    yield from _refs_in(feeds.sources, ("sources",))
+    yield from _refs_in(feeds.destinations, ("destinations",))
+    if feeds.alerts is not None:
+        yield from _refs_in(feeds.alerts, ("alerts",))
+
+
 def secret_refs(feeds: FeedsFile) -> list[SecretRef]:
-    """Every ``${VAR}`` reference in the sources and destinations."""
-    found: list[SecretRef] = []
-
-    def walk(value: object) -> None:
-        if isinstance(value, SecretRef):
-            found.append(value)
-        elif isinstance(value, BaseModel):
-            for item in value.__dict__.values():
-                walk(item)
-        elif isinstance(value, dict):
-            for item in value.values():
-                walk(item)
-
-    walk(feeds.sources)
-    walk(feeds.destinations)
-    return found
+    """Every ``${VAR}`` reference in the sources, destinations and alerts."""
+    return [ref for _, _, ref in _all_refs(feeds)]
 
 
 def register_feed_secrets(feeds: FeedsFile) -> None:
-    """Teach the process-wide redactor the values behind every ``${VAR}``, before anything logs."""
-    values = (os.environ.get(ref.env_var) for ref in secret_refs(feeds))
-    register_secret(*(v for v in values if v and not _is_plain_url(v)))
+    """Teach the process-wide redactor the values behind every ``${VAR}``, before anything logs.
+
+    Plain endpoint URLs are left readable unless the key holds a secret (a webhook URL embeds
+    its token).
+    """
+    values: list[str] = []
+    for loc, owner, ref in _all_refs(feeds):
+        value = os.environ.get(ref.env_var)
+        secret = owner is not None and is_secret_field(owner, str(loc[-1]))
+        if value and (secret or not _is_plain_url(value)):
+            values.append(value)
+    register_secret(*values)
+
+
+def select_feeds(feeds: FeedsFile, feed_names: list[str] | None) -> FeedsFile:
+    """The named feeds (all when ``feed_names`` is ``None`` or empty), in file order, with only the
+    sources and destinations they use; the alerts block is kept.
+
+    An unknown name is a :class:`FeedsFileError` listing the known feeds.
+    """
+    if isinstance(feed_names, str):
+        feed_names = [feed_names]
+    known = [feed.name for feed in feeds.feeds]
+    wanted = set(feed_names or known)
+    unknown = sorted(wanted - set(known))
+    if unknown:
+        raise FeedsFileError(
+            f"unknown feed{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"known feeds: {', '.join(known) or '(none)'}"
+        )
+    chosen = [feed for feed in feeds.feeds if feed.name in wanted]
+    used_sources = {feed.source for feed in chosen}
+    used_destinations = {feed.destination for feed in chosen}
+    return feeds.model_copy(
+        update={
+            "feeds": chosen,
+            "sources": {k: v for k, v in feeds.sources.items() if k in used_sources},
+            "destinations": {k: v for k, v in feeds.destinations.items() if k in used_destinations},
+        }
+    )
+
+
+def check_environment(
+    feeds: FeedsFile, feed_names: list[str] | None = None, environ: Mapping[str, str] = os.environ
+) -> list[str]:
+    """One line per ``${VAR}`` the selected feeds need that ``environ`` does not provide.
+
+    Each feed's source and destination are checked, so a shared variable is reported once per
+    feed that needs it (``feed all_staff_cxi: destinations.cxi.api_key needs environment
+    variable CXI_API_KEY, which is not set``); the alerts block, shared by all feeds, is
+    reported once without a feed. An empty value counts as not set; an endpoint's value must
+    be an http(s) URL. Secret values are never shown. Unknown feed names raise
+    :class:`FeedsFileError` (see :func:`select_feeds`).
+    """
+    selected = select_feeds(feeds, feed_names)
+    lines: list[str] = []
+    for feed in selected.feeds:
+        refs = [
+            *_refs_in(selected.sources[feed.source], ("sources", feed.source)),
+            *_refs_in(selected.destinations[feed.destination], ("destinations", feed.destination)),
+        ]
+        lines.extend(f"feed {feed.name}: {line}" for line in _env_problems(refs, environ))
+    if selected.alerts is not None:
+        lines.extend(_env_problems(_refs_in(selected.alerts, ("alerts",)), environ))
+    return lines
+
+
+def _env_problems(
+    refs: Iterable[tuple[_Loc, type[BaseModel] | None, SecretRef]], environ: Mapping[str, str]
+) -> Iterator[str]:
+    for loc, owner, ref in refs:
+        key = _loc(loc)
+        value = environ.get(ref.env_var, "")
+        if not value.strip():
+            yield f"{key} needs environment variable {ref.env_var}, which is not set"
+            continue
+        field = str(loc[-1])
+        if owner is None or not is_url_field(owner, field) or is_http_url(value):
+            continue
+        if is_secret_field(owner, field):
+            yield f"{key}: environment variable {ref.env_var} is not an http(s) URL (value not shown)"
+        else:
+            yield f"{key}: environment variable {ref.env_var} is {redact(repr(value))}, not an http(s) URL"
 
 
 def _is_plain_url(value: str) -> bool:
@@ -170,6 +281,8 @@ def _error_lines(
             continue
         if err["type"] == "extra_forbidden":
             msg = _unknown_key_message(model, raw, loc)
+        elif err["type"] in (SECRET_LITERAL_ERROR, HTTP_URL_ERROR):
+            msg = msg.replace("${VAR}", "${" + _suggest_env_var((*prefix, *loc)) + "}")
         elif err["type"] == "missing":
             msg = "required key is missing"
         elif err["type"] in ("union_tag_not_found", "union_tag_invalid"):
@@ -187,6 +300,15 @@ def _error_lines(
         seen.add(loc)
         lines.append(f"{_loc(loc)}: {msg}")
     return lines
+
+
+def _suggest_env_var(loc: _Loc) -> str:
+    """``destinations.cxi.api_key`` -> ``CXI_API_KEY``; ``alerts.webhook_url`` -> ``ALERTS_WEBHOOK_URL``."""
+    parts = [str(p) for p in loc if isinstance(p, str)]
+    if len(parts) > 1 and parts[0] in ("sources", "destinations"):
+        parts = parts[1:]
+    name = re.sub(r"[^A-Z0-9_]+", "_", "_".join(parts).upper()).strip("_") or "SECRET"
+    return f"_{name}" if name[0].isdigit() else name
 
 
 def _key_path(raw: Any, loc: tuple[str | int, ...]) -> tuple[str | int, ...]:

@@ -1,17 +1,26 @@
 """The feeds file as typed models.
 
 A feeds file declares three maps: ``sources`` (where HR exports land), ``destinations`` (vendor
-accounts) and ``feeds`` (one source bound to one destination with a column mapping). Values may
-be ``${ENV_VAR}`` references; the loader keeps them as :class:`SecretRef` so they reach Dagster
-resources as ``dg.EnvVar`` and are never printed.
+accounts) and ``feeds`` (one source bound to one destination with a column mapping), plus an
+optional ``alerts`` block. Values may be ``${ENV_VAR}`` references; the loader keeps them as
+:class:`SecretRef` so they reach Dagster resources as ``dg.EnvVar`` and are never printed.
+
+Credentials (:data:`Secret` fields) *must* be ``${VAR}``: a literal would be stored in Dagster's
+run records and shown in the UI. Endpoints (:data:`UrlValue` fields) given literally must be
+absolute ``http(s)`` URLs; given as ``${VAR}`` they are checked once the variable is resolved
+(``loader.check_environment``).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from audience_pipeline.redact import redact_url
 
 CANONICAL_FIELDS = ("unique_id", "email", "mobile_phone", "first_name", "last_name")
 AttributeType = Literal["string", "date", "integer", "number", "boolean"]
@@ -35,6 +44,79 @@ class SecretRef(StrictModel):
 
 
 ConfigValue = str | SecretRef
+
+SECRET_LITERAL_ERROR = "secret_literal"
+"""The pydantic error type of a literal where a secret belongs; the loader names a variable for it."""
+SECRET_LITERAL_MESSAGE = (
+    "a secret must come from the environment, write ${VAR} and set that variable "
+    "(a literal would be stored in Dagster's run records and shown in the UI)"
+)
+HTTP_URL_ERROR = "http_url"
+
+
+class _SecretMarker:
+    """Annotation marker: the field holds a credential (see :func:`is_secret_field`)."""
+
+
+class _UrlMarker:
+    """Annotation marker: the field holds an http(s) endpoint (see :func:`is_url_field`)."""
+
+
+SECRET = _SecretMarker()
+URL = _UrlMarker()
+
+
+def is_http_url(value: str) -> bool:
+    """Whether ``value`` is an absolute ``http://`` or ``https://`` URL with a host."""
+    if not value or any(c.isspace() or ord(c) < 32 for c in value):
+        return False
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+
+
+def _secret_only(value: Any) -> Any:
+    if isinstance(value, str | int | float | bool):
+        raise PydanticCustomError(SECRET_LITERAL_ERROR, SECRET_LITERAL_MESSAGE)
+    return value
+
+
+def _url_or_ref(value: Any) -> Any:
+    if isinstance(value, str) and not is_http_url(value):
+        raise PydanticCustomError(
+            HTTP_URL_ERROR,
+            "{value} is not an http(s) URL; write an absolute address such as https://api.example.com, "
+            "or ${VAR}",
+            {"value": redact_url(repr(value))},
+        )
+    return value
+
+
+Secret = Annotated[SecretRef, BeforeValidator(_secret_only), SECRET]
+"""A credential: only ``${VAR}`` is accepted, a literal is refused at load."""
+UrlValue = Annotated[ConfigValue, BeforeValidator(_url_or_ref), URL]
+"""An endpoint: a literal must be an absolute http(s) URL; ``${VAR}`` is checked once resolved."""
+SecretUrl = Annotated[SecretRef, BeforeValidator(_secret_only), SECRET, URL]
+"""An endpoint that embeds a credential (a webhook URL): ``${VAR}`` only, checked once resolved."""
+
+
+def _has_marker(annotation: Any, marker: object) -> bool:
+    return any(arg is marker or _has_marker(arg, marker) for arg in get_args(annotation))
+
+
+def is_secret_field(model: type[BaseModel], name: str) -> bool:
+    """Whether ``model.name`` holds a credential (its value must never be printed)."""
+    field = model.model_fields.get(name)
+    return field is not None and (SECRET in field.metadata or _has_marker(field.annotation, SECRET))
+
+
+def is_url_field(model: type[BaseModel], name: str) -> bool:
+    """Whether ``model.name`` holds an http(s) endpoint."""
+    field = model.model_fields.get(name)
+    return field is not None and (URL in field.metadata or _has_marker(field.annotation, URL))
 
 
 class AttributeSpec(StrictModel):
@@ -111,9 +193,9 @@ class SftpSource(FileDropOptions):
     host: ConfigValue
     port: int = Field(default=22, ge=1, le=65535)
     username: ConfigValue
-    password: ConfigValue | None = None
-    private_key: ConfigValue | None = None
-    private_key_passphrase: ConfigValue | None = None
+    password: Secret | None = None
+    private_key: Secret | None = None
+    private_key_passphrase: Secret | None = None
     known_hosts: ConfigValue | None = None
     host_key_checking: bool = True
     remote_dir: str = "."
@@ -130,11 +212,11 @@ class S3Source(FileDropOptions):
     type: Literal["s3"]
     bucket: ConfigValue
     prefix: str = ""
-    endpoint_url: ConfigValue | None = None
+    endpoint_url: UrlValue | None = None
     region: str | None = None
     access_key_id: ConfigValue | None = None
-    secret_access_key: ConfigValue | None = None
-    session_token: ConfigValue | None = None
+    secret_access_key: Secret | None = None
+    session_token: Secret | None = None
     tag_processed: str | None = Field(default=None, pattern=r"^[^=]+=[^=]*$")
     stable_after_seconds: float = Field(default=0.0, ge=0)
     timeout_seconds: float = Field(default=30.0, gt=0)
@@ -150,7 +232,7 @@ class HttpReportSource(StrictModel):
     """A report URL (Workday RaaS, BambooHR custom report): pulled on ``schedule``, not listed."""
 
     type: Literal["http_report"]
-    url: ConfigValue
+    url: UrlValue
     schedule: str = "0 6 * * *"
     timezone: str = "UTC"
     file_name: str = Field(default="report.csv", pattern=r"^[^/\\]+$")
@@ -159,8 +241,8 @@ class HttpReportSource(StrictModel):
     content_type: str = "application/json"
     headers: dict[str, str] = Field(default_factory=dict)
     username: ConfigValue | None = None
-    password: ConfigValue | None = None
-    token: ConfigValue | None = None
+    password: Secret | None = None
+    token: Secret | None = None
     timeout_seconds: float = Field(default=300.0, gt=0)
 
     @field_validator("schedule")
@@ -197,27 +279,37 @@ class HttpReportSource(StrictModel):
 SourceConfig = Annotated[FolderSource | SftpSource | S3Source | HttpReportSource, Field(discriminator="type")]
 
 
-class CommunicateXIDestination(StrictModel):
+class DestinationBase(StrictModel):
+    """Settings every destination has: how long an import may run and how many polls may fail."""
+
+    import_timeout_minutes: float | None = Field(default=None, gt=0)
+    """Give up on a vendor import still running after this long; ``None``: the vendor's default
+    (:data:`DEFAULT_IMPORT_TIMEOUT_MINUTES`)."""
+    max_poll_errors: int = Field(default=5, ge=1)
+    """How many status polls in a row may fail before the import is given up on."""
+
+
+class CommunicateXIDestination(DestinationBase):
     type: Literal["communicate_xi"]
-    base_url: ConfigValue
-    api_key: ConfigValue
+    base_url: UrlValue
+    api_key: Secret
     timeout_seconds: float = 30.0
 
 
-class AdobeExperiencePlatformDestination(StrictModel):
+class AdobeExperiencePlatformDestination(DestinationBase):
     """Experience Platform: IMS OAuth server-to-server credentials (or a ready bearer token)."""
 
     type: Literal["adobe_experience_platform"]
-    base_url: ConfigValue = "https://platform.adobe.io"
-    ims_url: ConfigValue = "https://ims-na1.adobelogin.com"
+    base_url: UrlValue = "https://platform.adobe.io"
+    ims_url: UrlValue = "https://ims-na1.adobelogin.com"
     client_id: ConfigValue
-    client_secret: ConfigValue | None = None
-    access_token: ConfigValue | None = None
+    client_secret: Secret | None = None
+    access_token: Secret | None = None
     org_id: ConfigValue
     sandbox_name: ConfigValue = "prod"
     scopes: str = "openid,AdobeID,read_organizations,additional_info.projectedProductContext,session"
     s3_access_key_id: ConfigValue | None = None
-    s3_secret_access_key: ConfigValue | None = None
+    s3_secret_access_key: Secret | None = None
     timeout_seconds: float = 30.0
 
     @model_validator(mode="after")
@@ -227,35 +319,35 @@ class AdobeExperiencePlatformDestination(StrictModel):
         return self
 
 
-class AltcraftDestination(StrictModel):
+class AltcraftDestination(DestinationBase):
     """Altcraft: the API token travels in each JSON body; limits are per request."""
 
     type: Literal["altcraft"]
-    base_url: ConfigValue
-    token: ConfigValue
+    base_url: UrlValue
+    token: Secret
     timeout_seconds: float = 30.0
     max_in_flight: int = Field(default=4, ge=1, le=32)
     max_profiles_per_request: int = Field(default=10_000, ge=1, le=10_000)
     max_request_bytes: int = Field(default=10_000_000, ge=4096, le=10 * 1024 * 1024)
 
 
-class ApsisOneDestination(StrictModel):
+class ApsisOneDestination(DestinationBase):
     """APSIS One: OAuth client credentials; the account's regional API host as ``base_url``."""
 
     type: Literal["apsis_one"]
-    base_url: ConfigValue = "https://api.apsis.one"
+    base_url: UrlValue = "https://api.apsis.one"
     client_id: ConfigValue
-    client_secret: ConfigValue
+    client_secret: Secret
     timeout_seconds: float = 60.0
 
 
-class YesmailDestination(StrictModel):
+class YesmailDestination(DestinationBase):
     """Yesmail: Api-User / Api-Key headers; JSON member batches sent a few at a time."""
 
     type: Literal["yesmail"]
-    base_url: ConfigValue = "https://api.yesmail.com"
+    base_url: UrlValue = "https://api.yesmail.com"
     api_user: ConfigValue
-    api_key: ConfigValue
+    api_key: Secret
     timeout_seconds: float = 30.0
     max_in_flight: int = Field(default=4, ge=1, le=32)
     max_members_per_request: int = Field(default=1000, ge=1)
@@ -270,6 +362,55 @@ DestinationConfig = Annotated[
     | YesmailDestination,
     Field(discriminator="type"),
 ]
+
+DEFAULT_IMPORT_TIMEOUT_MINUTES: dict[str, float] = {
+    "communicate_xi": 360,
+    "adobe_experience_platform": 1440,
+    "apsis_one": 720,
+    "yesmail": 360,
+    "altcraft": 360,
+}
+"""Per destination type: how long an import may run when ``import_timeout_minutes`` is not set."""
+
+
+def import_timeout_seconds(config: DestinationConfig) -> float:
+    """The destination's import time limit in seconds: its own setting, else its type's default."""
+    minutes = config.import_timeout_minutes
+    if minutes is None:
+        minutes = DEFAULT_IMPORT_TIMEOUT_MINUTES[config.type]
+    return float(minutes) * 60.0
+
+
+class RetrySettings(StrictModel):
+    """How a failed feed run is retried: exponential backoff, capped."""
+
+    max_attempts: int = Field(default=5, ge=1)
+    """Runs in all, counting the first; 1 means no retry."""
+    backoff_seconds: float = Field(default=60.0, ge=0)
+    """The wait after the first failed attempt; doubled after each further one."""
+    max_backoff_seconds: float = Field(default=3600.0, ge=0)
+    """No wait is longer than this."""
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt ``attempt`` (1 = the first run) before the next."""
+        if attempt < 1:
+            raise ValueError(f"attempt counts from 1, got {attempt}")
+        # 2.0 ** 1024 overflows a float; long before that the cap applies.
+        return min(self.max_backoff_seconds, self.backoff_seconds * 2.0 ** min(attempt - 1, 1000))
+
+
+AlertEvent = Literal["needs_attention", "blocked", "refused", "timed_out"]
+ALERT_EVENTS: tuple[AlertEvent, ...] = get_args(AlertEvent)
+
+
+class AlertsConfig(StrictModel):
+    """Where to post when a feed needs a person: one webhook for the whole file."""
+
+    webhook_url: SecretUrl
+    """``${VAR}`` only: webhook URLs embed a token, so the value is treated as a secret."""
+    on: list[AlertEvent] = Field(default_factory=lambda: list(ALERT_EVENTS))
+    """The events that post an alert; all of them unless listed."""
+    timeout_seconds: float = Field(default=10.0, gt=0)
 
 
 class Feed(StrictModel):
@@ -287,12 +428,16 @@ class Feed(StrictModel):
     max_file_bytes: int = Field(default=2 * 1024**3, gt=0)
     """Larger files are refused before they are read (default 2 GiB)."""
     options: dict[str, Any] = Field(default_factory=dict)
+    retries: RetrySettings = RetrySettings()
+    """How often, and how far apart, a failed run of this feed is tried again."""
 
 
 class FeedsFile(StrictModel):
     sources: dict[str, SourceConfig]
     destinations: dict[str, DestinationConfig]
     feeds: list[Feed]
+    alerts: AlertsConfig | None = None
+    """Applies to every feed; a feed cannot override it."""
 
     @model_validator(mode="after")
     def _references(self) -> FeedsFile:

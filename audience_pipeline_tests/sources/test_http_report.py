@@ -103,7 +103,9 @@ def test_only_the_configured_file_name_can_be_opened(report: ReportServer) -> No
 def _config(**source) -> dict:
     return {
         "sources": {"hr": {"type": "http_report", "url": "https://wd2.example/ccx/report", **source}},
-        "destinations": {"cxi": {"type": "communicate_xi", "base_url": "http://x", "api_key": "k"}},
+        "destinations": {
+            "cxi": {"type": "communicate_xi", "base_url": "http://x", "api_key": {"env_var": "CXI_API_KEY"}}
+        },
         "feeds": [],
     }
 
@@ -111,7 +113,9 @@ def _config(**source) -> dict:
 @pytest.mark.parametrize(
     ("source", "problem"),
     [
-        ({"token": "t", "username": "u", "password": "p"}, "either 'token'"),
+        ({"token": {"env_var": "T"}, "username": "u", "password": {"env_var": "P"}}, "either 'token'"),
+        ({"username": "u", "password": {"env_var": "P"}, "token": None, "url": "wd2.example/report"}, "http"),
+        ({"token": "t"}, "a secret must come from the environment"),
         ({"username": "u"}, "both 'username' and 'password'"),
         ({"body": "{}"}, "'body' needs method: POST"),
         ({"file_name": "a/b.csv"}, "String should match pattern"),

@@ -143,7 +143,13 @@ def test_feeds_file_needs_a_credential_and_keeps_it_an_env_var() -> None:
         return FeedsFile.model_validate(
             {
                 "sources": {"hr": {"type": "sftp", "host": "sftp.example", "username": "u", **source}},
-                "destinations": {"cxi": {"type": "communicate_xi", "base_url": "http://x", "api_key": "k"}},
+                "destinations": {
+                    "cxi": {
+                        "type": "communicate_xi",
+                        "base_url": "http://x",
+                        "api_key": {"env_var": "CXI_API_KEY"},
+                    }
+                },
                 "feeds": [],
             }
         )
