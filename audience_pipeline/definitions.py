@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from audience_pipeline.automation.arrival import build_arrival_automation
 from audience_pipeline.automation.retries import build_retries_sensor
 from audience_pipeline.automation.status import build_status_sensor
 from audience_pipeline.destinations.registry import build_resource, config_value
-from audience_pipeline.feeds.loader import load_feeds, register_feed_secrets
+from audience_pipeline.feeds.loader import check_environment, load_feeds, register_feed_secrets
 from audience_pipeline.feeds.model import Feed, FeedsFile
 from audience_pipeline.redact import install_log_redaction
 from audience_pipeline.sources.registry import build_source_resource
@@ -76,7 +77,11 @@ def build_definitions(feeds: FeedsFile, home: Path | None = None) -> dg.Definiti
 
 @dg.definitions
 def defs() -> dg.Definitions:
+    """Under ``dagster dev`` a missing variable would only fail a run, with a traceback: say it
+    when the code location loads, one line per feed and key."""
     feeds = load_feeds()
     register_feed_secrets(feeds)
     install_log_redaction()
+    for line in check_environment(feeds):
+        logging.getLogger("audience_pipeline").warning(line)
     return build_definitions(feeds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -68,6 +69,57 @@ def test_sync_imports_new_files_once(
     second = capsys.readouterr().out
 
     summary = [line for line in first.splitlines() if line.startswith("all_staff_cxi ")]
-    assert len(summary) == 1 and summary[0].split()[2:8] == ["200", "6", "192", "2", "0", "completed_with_failures"]
+    counts = ["200", "6", "192", "2", "0", "completed_with_failures"]
+    assert len(summary) == 1 and summary[0].split()[2:8] == counts
     assert (tmp_path / "home" / "reports" / "all_staff_cxi").is_dir()
     assert second.strip().endswith("no new files, and nothing unfinished")
+
+
+DEMO_VARS = ("CXI_", "APSIS_", "ALTCRAFT_", "AEP_", "YESMAIL_")
+
+
+def _without_vendor_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith(DEMO_VARS):
+            monkeypatch.delenv(name)
+
+
+def test_sync_names_each_missing_variable_in_one_line_and_only_for_the_chosen_feed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    _without_vendor_env(monkeypatch)
+    feeds = tmp_path / "feeds.yaml"
+    feeds.write_text(DEMO_FEEDS.read_text("utf-8"), "utf-8")
+    (tmp_path / "incoming").mkdir()
+
+    code = main(["sync", "--feeds", str(feeds), "--feed", "all_staff_cxi", "--home", str(tmp_path / "h")])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.splitlines() == [
+        "error: feed all_staff_cxi: destinations.cxi.base_url needs environment variable CXI_BASE_URL, "
+        "which is not set",
+        "error: feed all_staff_cxi: destinations.cxi.api_key needs environment variable CXI_API_KEY, "
+        "which is not set",
+    ]
+    assert not (tmp_path / "h").exists()  # nothing started
+
+    monkeypatch.setenv("CXI_BASE_URL", "ftp://files.example.com")
+    monkeypatch.setenv("CXI_API_KEY", "k")
+    assert (
+        main(["sync", "--feeds", str(feeds), "--feed", "all_staff_cxi", "--home", str(tmp_path / "h")]) == 2
+    )
+    assert "CXI_BASE_URL is 'ftp://files.example.com', not an http(s) URL" in capsys.readouterr().err
+
+
+def test_a_literal_secret_is_refused_with_the_reason(tmp_path: Path, capsys) -> None:
+    feeds = tmp_path / "feeds.yaml"
+    text = DEMO_FEEDS.read_text("utf-8").replace("api_key: ${CXI_API_KEY}", "api_key: abc123", 1)
+    feeds.write_text(text, "utf-8")
+
+    code = main(["sync", "--feeds", str(feeds), "--home", str(tmp_path / "h")])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "destinations.cxi.api_key: a secret must come from the environment, write ${CXI_API_KEY}" in err
+    assert "abc123" not in err and "Traceback" not in err
