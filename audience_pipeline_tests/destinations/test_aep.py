@@ -23,6 +23,7 @@ from audience_pipeline.destinations.aep_storage import DlzStorageOptions, Landin
 from audience_pipeline.destinations.base import ChunkJob, JobHandle, JobState, SubmitIntent
 from audience_pipeline.destinations.http import RetryPolicy, VendorAuthError, VendorHTTP, VendorHTTPError
 from audience_pipeline.feeds.loader import FeedsFileError, load_feeds
+from audience_pipeline_tests.destinations.poll_retry import check_poll_retry
 
 CLIENT_ID = "aep-unit-client-5c2e8f"
 SECRET = "aep-unit-secret-9d41b7a2"
@@ -358,7 +359,6 @@ def test_the_upload_streams_the_file_from_disk(tmp_path: Path) -> None:
 
 
 RECORDED_AT = 1_800_000_000.0
-SENSOR_RETRY = RetryPolicy(attempts=2, retry_statuses=frozenset({500, 502, 503, 504}))
 
 
 def intent(*known: str) -> SubmitIntent:
@@ -518,20 +518,6 @@ def test_the_retry_policy_reaches_platform_and_ims_so_a_sensor_429_raises_at_onc
         extra={"kind": "run", "audience_id": "aud-1"},
     )  # fmt: skip
     sleeps: list[float] = []
-    client = _resource_client(monkeypatch, handler, sleeps, SENSOR_RETRY)
-    try:
-        assert client.http.retry is SENSOR_RETRY
-        with pytest.raises(VendorHTTPError) as caught:
-            client.status(handle)
-        assert (caught.value.status, caught.value.attempts, sleeps) == (429, 1, [])
-    finally:
-        client.close()
-
-    aep._TOKENS.clear()
-    default = _resource_client(monkeypatch, handler, sleeps, None)
-    try:
-        with pytest.raises(VendorHTTPError) as caught:
-            default.status(handle)
-        assert caught.value.attempts == 5 and sleeps == [120.0] * 4  # Retry-After, capped
-    finally:
-        default.close()
+    check_poll_retry(
+        lambda retry: _resource_client(monkeypatch, handler, sleeps, retry), handle, sleeps, aep._TOKENS.clear
+    )

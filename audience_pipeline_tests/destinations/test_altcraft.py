@@ -30,10 +30,11 @@ from audience_pipeline.destinations.altcraft import (
     AltcraftResource,
 )
 from audience_pipeline.destinations.base import ChunkJob, JobHandle, JobState, SubmitIntent
-from audience_pipeline.destinations.http import RetryPolicy, VendorAuthError, VendorHTTP, VendorHTTPError
+from audience_pipeline.destinations.http import VendorAuthError, VendorHTTP, VendorHTTPError
 from audience_pipeline.feeds.loader import FeedsFileError, load_feeds
 from audience_pipeline.redact import redact
 from audience_pipeline_tests.destinations.fakes import fake_http
+from audience_pipeline_tests.destinations.poll_retry import check_poll_retry
 
 TOKEN = "altcraft-unit-token-6d0b2f8e4a"
 BASE_URL = "https://altcraft.example.test/ac"
@@ -535,9 +536,6 @@ def test_resource_builds_a_client_with_its_limits() -> None:
         client.close()
 
 
-SENSOR_RETRY = RetryPolicy(attempts=2, retry_statuses=frozenset({500, 502, 503, 504}))
-
-
 def test_one_task_in_an_unknown_state_makes_the_import_unknown(make_client, fake: FakeAltcraft) -> None:
     client = make_client(limits={"max_profiles": 1})
     handle = client.submit(rows(2), feed="f", partition="p")
@@ -583,18 +581,4 @@ def test_the_retry_policy_reaches_the_http_client_so_a_sensor_429_raises_at_once
     job = ChunkJob(job_id="task-1", first_row=0, row_count=1)
     handle = JobHandle(vendor=VENDOR, feed="f", partition="p", jobs=[job], submitted_rows=1)
 
-    client = resource.destination({"trigger_id": 5}, retry=SENSOR_RETRY)
-    try:
-        assert client.http.retry is SENSOR_RETRY
-        with pytest.raises(VendorHTTPError) as caught:
-            client.status(handle)
-        assert (caught.value.status, caught.value.attempts, sleeps) == (429, 1, [])
-    finally:
-        client.close()
-    default = resource.destination({"trigger_id": 5})
-    try:
-        with pytest.raises(VendorHTTPError) as caught:
-            default.status(handle)
-        assert caught.value.attempts == 5 and sleeps == [120.0] * 4  # Retry-After, capped
-    finally:
-        default.close()
+    check_poll_retry(lambda retry: resource.destination({"trigger_id": 5}, retry=retry), handle, sleeps)

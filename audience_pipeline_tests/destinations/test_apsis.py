@@ -32,7 +32,6 @@ from audience_pipeline.destinations.apsis import (
 )
 from audience_pipeline.destinations.base import ChunkJob, JobHandle, JobState, SubmitIntent
 from audience_pipeline.destinations.http import (
-    RetryPolicy,
     VendorAuthError,
     VendorError,
     VendorHTTP,
@@ -41,6 +40,7 @@ from audience_pipeline.destinations.http import (
 from audience_pipeline.destinations.registry import build_resource
 from audience_pipeline.feeds.loader import load_feeds
 from audience_pipeline_tests.destinations.fakes import fake_http, parse_multipart
+from audience_pipeline_tests.destinations.poll_retry import check_poll_retry
 
 BASE_URL = "https://api.apsis.example.test"
 SECTION = "com.apsis1.sections.hr"
@@ -503,9 +503,6 @@ def test_feeds_file_with_apsis_loads_and_secrets_stay_env_vars(tmp_path: Path) -
     assert isinstance(resource.client_id, dg.EnvVar)
 
 
-SENSOR_RETRY = RetryPolicy(attempts=2, retry_statuses=frozenset({500, 502, 503, 504}))
-
-
 def test_an_unknown_import_status_makes_the_import_unknown_and_is_named(make_client, fake: FakeApsis) -> None:
     client = make_client(max_file_bytes=80)
     handle = client.submit(rows(2), feed="f", partition="p")
@@ -553,18 +550,4 @@ def test_the_retry_policy_reaches_the_http_client_so_a_sensor_429_raises_at_once
         vendor=VENDOR, feed="f", partition="p", jobs=[job], submitted_rows=1, extra={"section": SECTION}
     )
 
-    client = resource.destination({"section": SECTION}, retry=SENSOR_RETRY)
-    try:
-        assert client.http.retry is SENSOR_RETRY
-        with pytest.raises(VendorHTTPError) as caught:
-            client.status(handle)
-        assert (caught.value.status, caught.value.attempts, sleeps) == (429, 1, [])
-    finally:
-        client.close()
-    default = resource.destination({"section": SECTION})
-    try:
-        with pytest.raises(VendorHTTPError) as caught:
-            default.status(handle)
-        assert caught.value.attempts == 5 and sleeps == [120.0] * 4  # Retry-After, capped
-    finally:
-        default.close()
+    check_poll_retry(lambda retry: resource.destination({"section": SECTION}, retry=retry), handle, sleeps)

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from audience_pipeline.destinations import yesmail
 from audience_pipeline.destinations.base import ChunkJob, JobHandle, JobState, SubmitIntent
-from audience_pipeline.destinations.http import RetryPolicy, VendorAuthError, VendorHTTP, VendorHTTPError
+from audience_pipeline.destinations.http import RetryPolicy, VendorAuthError, VendorHTTP
 from audience_pipeline.destinations.yesmail import (
     IGNORED_REASON,
     YesmailClient,
@@ -27,6 +27,7 @@ from audience_pipeline.destinations.yesmail import (
     YesmailResource,
 )
 from audience_pipeline_tests.destinations.fakes import fake_http
+from audience_pipeline_tests.destinations.poll_retry import check_poll_retry
 
 USER = "ym-unit-user-71c2"
 KEY = "ym-unit-key-9d4e0a6b3f"
@@ -336,9 +337,6 @@ def test_resource_builds_a_client_with_the_account_limits() -> None:
         client.close()
 
 
-SENSOR_RETRY = RetryPolicy(attempts=2, retry_statuses=frozenset({500, 502, 503, 504}))
-
-
 def test_an_unknown_ticket_state_makes_the_import_unknown_and_is_named() -> None:
     fake = FakeYesmail(running_polls=0, state_of={"t0001": "on_hold"})
     client = _client(fake, per_request=2)
@@ -381,18 +379,4 @@ def test_the_retry_policy_reaches_the_http_client_so_a_sensor_429_raises_at_once
     job = ChunkJob(job_id="t1", first_row=0, row_count=1)
     handle = JobHandle(vendor="yesmail", feed="f", partition="p", jobs=[job], submitted_rows=1)
 
-    client = resource.destination({"target_list": "l"}, retry=SENSOR_RETRY)
-    try:
-        assert client.http.retry is SENSOR_RETRY
-        with pytest.raises(VendorHTTPError) as caught:
-            client.status(handle)
-        assert (caught.value.status, caught.value.attempts, sleeps) == (429, 1, [])
-    finally:
-        client.close()
-    default = resource.destination({"target_list": "l"})
-    try:
-        with pytest.raises(VendorHTTPError) as caught:
-            default.status(handle)
-        assert caught.value.attempts == 5 and sleeps == [120.0] * 4  # Retry-After, capped
-    finally:
-        default.close()
+    check_poll_retry(lambda retry: resource.destination({"target_list": "l"}, retry=retry), handle, sleeps)
