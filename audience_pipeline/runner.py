@@ -25,7 +25,7 @@ from audience_pipeline.automation.lifecycle import (
     feed_states,
     process_identity,
 )
-from audience_pipeline.automation.retries import due_retries, retries_sensor_name, retry_request
+from audience_pipeline.automation.retries import retries_sensor_name, retry_request, retrying
 from audience_pipeline.automation.status import status_sensor_name
 from audience_pipeline.feeds.model import FeedsFile
 from audience_pipeline.tags import ATTEMPT_TAG, PARTITION_TAG, POLL_GAVE_UP, PROCESS_TAG, RUN_KEY_TAG
@@ -179,7 +179,7 @@ def run_feeds(
             partition = run.tags.get(PARTITION_TAG, "")
             echo(f"[{name}] ingest run for {partition}: {run.status.value}")
             touched.add((name, partition))
-        for state in due_retries(instance, keys, ignore_backoff=True):
+        for state in retrying(instance, keys, time.time()):  # no back-off: an invocation is its own schedule
             if (name, state.partition) in touched:
                 continue  # it failed in this very invocation: the next one (or the sensor) retries
             request = retry_request(state)

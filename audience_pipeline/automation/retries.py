@@ -2,17 +2,23 @@
 
 Dagster's own run retries (``dagster/max_retries`` with ``run_retries`` in ``dagster.yaml``)
 only exist under the daemon and re-run a run at once; ``sync`` runs in process and a vendor that
-is down for ten minutes needs back-off. So this sensor reads each partition's state
-(``lifecycle.py``) and asks for attempt ``n + 1`` of a ``retrying`` partition once the feed's
-back-off after attempt ``n`` has passed, with ``run_key = <partition>#attempt<n+1>``: each
+is down for ten minutes needs back-off. A step ``RetryPolicy`` would hold a worker inside the run
+for the whole back-off and dies with the process. Retrying here needs neither: the submit
+records its intent in the instance, so any later attempt, from any process, knows what was sent.
+
+This sensor reads each partition's state (``lifecycle.py``) and asks for attempt ``n + 1`` of
+a ``retrying`` partition once the feed's back-off after attempt ``n`` has passed, with ``run_key = <partition>#attempt<n+1>``: each
 attempt is its own run, and a tick that runs twice cannot start it twice. Files refused or
 blocked are not retried (the file must change, and a changed file is a new partition); after
-``retries.max_attempts`` the partition needs attention.
+``retries.max_attempts`` the partition needs attention. A tick with nothing to retry says how
+many files are in each state, so the sensor's tick history in the UI is the feed's overview.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
+from collections.abc import Iterable
 
 import dagster as dg
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
@@ -37,18 +43,21 @@ def retry_request(state: PartitionState) -> dg.RunRequest:
     )
 
 
-def due_retries(
-    instance: dg.DagsterInstance, keys: FeedKeys, *, now: float | None = None, ignore_backoff: bool = False
-) -> list[PartitionState]:
-    """Partitions whose failed ingest should run again now (``sync`` ignores the back-off)."""
-    now = time.time() if now is None else now
+def retrying(instance: dg.DagsterInstance, keys: FeedKeys, now: float) -> list[PartitionState]:
+    """Partitions whose ingest failed and will run again (after reaping runs of dead processes)."""
     reap_dead_runs(instance, [keys.ingest_job, keys.report_job])
-    states = feed_states(instance, keys, keys.feed.retries, now=now)
     return [
-        s
-        for s in states.values()
-        if s.state == "retrying" and (ignore_backoff or (s.retry_at is not None and s.retry_at <= now))
+        s for s in feed_states(instance, keys, keys.feed.retries, now=now).values() if s.state == "retrying"
     ]
+
+
+def overview(states: Iterable[PartitionState]) -> str:
+    """The tick's one line in the UI: files per state, and the ones that need a person by name."""
+    states = list(states)
+    counts = Counter(s.state for s in states)
+    line = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no files yet"
+    stuck = [s for s in states if s.state == "needs_attention"][:5]
+    return line + "".join(f"; {s.partition} needs attention: {s.detail}" for s in stuck)
 
 
 def build_retries_sensor(keys: FeedKeys, ingest_job: UnresolvedAssetJobDefinition) -> dg.SensorDefinition:
@@ -65,12 +74,15 @@ def build_retries_sensor(keys: FeedKeys, ingest_job: UnresolvedAssetJobDefinitio
         ),
     )
     def ingest_retries(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-        due = due_retries(context.instance, keys)
+        now = time.time()
+        reap_dead_runs(context.instance, [keys.ingest_job, keys.report_job])
+        states = feed_states(context.instance, keys, retries, now=now)
+        due = [s for s in states.values() if s.state == "retrying" and (s.retry_at or 0) <= now]
         for state in due:
             context.log.info(f"{state.partition}: attempt {state.attempts + 1} ({state.detail})")
         return dg.SensorResult(
             run_requests=[retry_request(s) for s in due],
-            skip_reason=None if due else "no failed ingest is due for a retry",
+            skip_reason=None if due else overview(states.values()),
         )
 
     return ingest_retries

@@ -295,7 +295,7 @@ def _report_requests(
             )
             tracked.pop(key)
             continue
-        elif entry["att"] and now < entry["at"] + retries.delay(len(failed)):
+        elif entry["att"] and now < entry["at"] + retries.delay(max(len(failed), 1)):
             continue
         else:
             entry["att"] += 1
