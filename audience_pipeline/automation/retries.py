@@ -6,12 +6,13 @@ is down for ten minutes needs back-off. A step ``RetryPolicy`` would hold a work
 for the whole back-off and dies with the process. Retrying here needs neither: the submit
 records its intent in the instance, so any later attempt, from any process, knows what was sent.
 
-This sensor reads each partition's state (``lifecycle.py``) and asks for attempt ``n + 1`` of
-a ``retrying`` partition once the feed's back-off after attempt ``n`` has passed, with
-``run_key = <partition>#attempt<n+1>``: each attempt is its own run, and a tick that runs twice cannot start it twice. Files refused or
-blocked are not retried (the file must change, and a changed file is a new partition); after
-``retries.max_attempts`` the partition needs attention. A tick with nothing to retry says how
-many files are in each state, so the sensor's tick history in the UI is the feed's overview.
+This sensor reads each partition's state (``lifecycle.py``) and asks for attempt ``n + 1`` of a
+``retrying`` partition once the feed's back-off after attempt ``n`` has passed, with ``run_key =
+<partition>#attempt<n+1>``: each attempt is its own run, and a tick that runs twice cannot start
+it twice. Files refused or blocked are not retried (the file must change, and a changed file is
+a new partition); after ``retries.max_attempts`` the partition needs attention. A tick with
+nothing to retry says how many files are in each state, so the sensor's tick history in the UI
+is the feed's overview.
 """
 
 from __future__ import annotations
