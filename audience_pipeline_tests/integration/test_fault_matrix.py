@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+import dagster as dg
 import httpx
 import pytest
 
@@ -246,6 +247,11 @@ def test_an_ingest_that_keeps_failing_needs_attention(
     assert "ingest failed 2 times" in next(iter(found.values())).detail
     assert "401" in hook.texts[0]
     assert imports_received(pipeline.sandbox) == []
+    sensor = pipeline.defs.resolve_sensor_def(f"{FEED}__ingest_retries")
+    context = dg.build_sensor_context(instance=pipeline.instance, definitions=pipeline.defs)
+    overview = sensor.evaluate_tick(context).skip_message  # what the sensor's tick shows in the UI
+    partition = pipeline.partitions()[0]
+    assert overview.startswith(f"1 needs_attention; {partition} needs attention: ingest failed")
 
 
 def test_a_forced_reimport_gets_its_own_report_and_a_plain_rerun_says_it_reused(
