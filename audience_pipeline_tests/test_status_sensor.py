@@ -365,7 +365,7 @@ def test_real_import_job_is_polled_until_it_ends_then_its_report_ends_the_tracki
     assert set(state) == {"after", "imports"} and isinstance(state["after"], int)
     assert list(state["imports"]) == [key]
     entry = state["imports"][key]
-    assert set(entry) == ENTRY_FIELDS
+    assert set(entry) == ENTRY_FIELDS | {"last"} and entry["last"] == "vendor_running"
     assert entry["p"] == partition and entry["final"] is None and entry["err"] == 0 and entry["polled"] > 0
     assert vendor.polled == [key]
     assert vendor.closed == vendor.opened == 2  # one client for the submit, one for the tick
@@ -881,7 +881,7 @@ def test_failed_report_runs_are_retried_after_the_backoff_then_given_up(
     given_up = tick(sensor, instance, vendor, third.cursor, launch=FAILURE)
 
     assert given_up.run_requests == [] and imports_of(given_up) == {}
-    errors = logged(capfd, "the failure report of import J1 failed 3 times")
+    errors = logged(capfd, "3 report runs of import J1 ended without its report")
     assert len(errors) == 1 and partition in errors[0] and "ERROR" in errors[0]
     after = tick(sensor, instance, vendor, given_up.cursor)
     assert after.run_requests == [] and after.skip_message == "no import in flight"
@@ -964,3 +964,34 @@ def test_a_report_request_that_never_became_a_run_is_asked_again_with_the_same_k
     clock.advance(LOST_REQUEST_SECONDS + 1)
     started = tick(sensor, instance, vendor, lost.cursor)
     assert started.run_requests == []  # its run exists now (STARTED): waited for
+
+
+def test_a_transient_error_between_permanent_ones_does_not_reset_the_count(
+    feeds, keys, make_sensor, instance, vendor
+) -> None:
+    sensor = make_sensor(destination(feeds, max_poll_errors=2))
+    record_import(instance, keys, "a.csv@0000000001", make_handle(vendor, "a.csv@0000000001", "J1"))
+
+    cursor, counts = None, []
+    for error in (not_found(), server_error(status=503), not_found()):
+        vendor.errors["J1"] = error
+        result = tick(sensor, instance, vendor, cursor)
+        cursor, counts = result.cursor, [*counts, imports_of(result)["J1"]["err"]]
+
+    assert counts == [1, 1, 2]
+    assert [r.run_key for r in result.run_requests] == ["J1:poll_failed"]
+
+
+def test_a_time_limit_reached_on_a_failed_poll_names_the_last_status_seen(
+    feeds, keys, make_sensor, instance, vendor, clock
+) -> None:
+    sensor = make_sensor(destination(feeds, import_timeout_minutes=1))
+    record_import(instance, keys, "a.csv@0000000001", make_handle(vendor, "a.csv@0000000001", "J1"))
+    first = tick(sensor, instance, vendor, None)
+    vendor.errors["J1"] = server_error(status=503)
+    clock.advance(120)
+
+    late = tick(sensor, instance, vendor, first.cursor)
+
+    detail = late.run_requests[0].tags[FINAL_DETAIL_TAG]
+    assert detail == "timed out after 1 min (last vendor status: vendor_running)"

@@ -198,6 +198,7 @@ def _poll_all(
             context.log.info(f"{partition}: the vendor asked to slow down (429); polled again next tick")
         elif isinstance(result, JobStatus):
             entry["err"] = 0
+            entry["last"] = result.vendor_status
             if result.state.terminal:
                 entry["final"] = result.vendor_status
                 continue
@@ -208,7 +209,7 @@ def _poll_all(
                 )
         else:
             permanent, message = result
-            entry["err"] = entry["err"] + 1 if permanent else 0
+            entry["err"] += 1 if permanent else 0  # only a good answer resets the count
             context.log.warning(
                 f"{partition}: status poll failed"
                 + (f" ({entry['err']} of {max_errors} in a row)" if permanent else "")
@@ -220,7 +221,7 @@ def _poll_all(
                 continue
         if entry.get("final") is None and now - entry["since"] > limit:
             entry["final"] = "timed_out"
-            last = result.vendor_status if isinstance(result, JobStatus) else "unknown"
+            last = entry.get("last") or "unknown"
             entry["detail"] = f"timed out after {_duration(limit)} (last vendor status: {last})"
             context.log.warning(f"{partition}: import {key} {entry['detail']}")
 
@@ -231,6 +232,12 @@ def _duration(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds / 60:g} min"
     return f"{seconds:g} s"
+
+
+def _ended(runs: list[dg.RunRecord], default: float) -> float:
+    """When the newest report run ended: the back-off counts from there, as for ingests."""
+    ends = [r.end_time for r in runs if r.end_time]
+    return max(ends) if ends else default
 
 
 def _poll(client, handle: JobHandle) -> JobStatus | Deferred | tuple[bool, str]:
@@ -288,14 +295,14 @@ def _report_requests(
             if now - entry["at"] < LOST_REQUEST_SECONDS:
                 continue  # requested, not started yet
             entry["at"] = now  # the request was lost (a tick whose result was dropped): ask again, same key
-        elif entry["att"] and len(failed) >= retries.max_attempts:
+        elif entry["att"] and len(runs) >= retries.max_attempts:
             context.log.error(
-                f"{partition}: the failure report of import {key} failed {len(failed)} times; "
+                f"{partition}: {len(runs)} report runs of import {key} ended without its report; "
                 "it needs attention (re-run its report job once the cause is fixed)"
             )
             tracked.pop(key)
             continue
-        elif entry["att"] and now < entry["at"] + retries.delay(max(len(failed), 1)):
+        elif entry["att"] and now < _ended(runs, entry["at"]) + retries.delay(max(len(failed), 1)):
             continue
         else:
             entry["att"] += 1
