@@ -187,8 +187,9 @@ def run_feeds(
                 echo(f"[{name}] retry {request.tags[ATTEMPT_TAG]} for {state.partition}: {run.status.value}")
                 touched.add((name, state.partition))
     deadline = time.monotonic() + timeout
+    states: dict[tuple[str, str], PartitionState] = {}
     while True:
-        states: dict[tuple[str, str], PartitionState] = {}
+        states = {}
         for name, keys in all_keys.items():
             for run in driver.tick(status_sensor_name(name)):
                 partition = run.tags.get(PARTITION_TAG, "")
