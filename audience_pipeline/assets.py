@@ -81,15 +81,26 @@ class ImportJobConfig(dg.Config):
     """Send the file again even though this partition was already imported."""
 
 
+def metadata_of(record: dg.EventLogRecord | None) -> dict:
+    """A materialization record's metadata as plain values ({} for none)."""
+    materialization = record.asset_materialization if record is not None else None
+    if materialization is None:
+        return {}
+    return {k: v.value for k, v in materialization.metadata.items()}
+
+
+def handle_of(record: dg.EventLogRecord | None) -> JobHandle | None:
+    """The job handle an ``import_job`` materialization recorded, if it has one."""
+    value = metadata_of(record).get("job_handle")
+    return JobHandle.model_validate(value) if isinstance(value, dict) else None
+
+
 def latest_metadata(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str) -> dict | None:
     """Metadata of the newest materialization of one asset partition, as plain values."""
     result = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
     )
-    materialization = result.records[0].asset_materialization if result.records else None
-    if materialization is None:
-        return None
-    return {k: v.value for k, v in materialization.metadata.items()}
+    return metadata_of(result.records[0]) if result.records else None
 
 
 def _column_schema(frame: pd.DataFrame) -> dg.TableSchema:

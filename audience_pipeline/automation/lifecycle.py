@@ -35,7 +35,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from audience_pipeline.assets import REJECTION_CHECK, FeedKeys
+from audience_pipeline.assets import REJECTION_CHECK, FeedKeys, handle_of, metadata_of
 from audience_pipeline.feeds.model import RetrySettings
 from audience_pipeline.redact import redact
 from audience_pipeline.tags import (
@@ -48,7 +48,6 @@ from audience_pipeline.tags import (
 
 DONE = ("reported",)
 NEEDS_A_PERSON = ("blocked", "refused", "needs_attention")
-IN_PROGRESS = ("discovered", "running", "retrying", "importing")
 FINISHED_STATUSES = (
     dg.DagsterRunStatus.SUCCESS,
     dg.DagsterRunStatus.FAILURE,
@@ -194,28 +193,12 @@ def latest_by_partition(
     return found
 
 
-def metadata_of(record: dg.EventLogRecord | None) -> dict:
-    materialization = record.asset_materialization if record is not None else None
-    if materialization is None:
-        return {}
-    return {k: v.value for k, v in materialization.metadata.items()}
-
-
 def report_covers(report: dg.EventLogRecord | None, import_record: dg.EventLogRecord, key: str) -> bool:
     """Whether ``report`` is the failure report of the import ``key`` materialized in ``import_record``."""
     if report is None:
         return False
     reported = metadata_of(report).get("import_key")
     return reported == key if reported else report.storage_id > import_record.storage_id
-
-
-def import_key_of(record: dg.EventLogRecord) -> str | None:
-    handle = metadata_of(record).get("job_handle")
-    if not isinstance(handle, dict):
-        return None
-    from audience_pipeline.destinations.base import JobHandle
-
-    return JobHandle.model_validate(handle).key
 
 
 def feed_states(
@@ -258,7 +241,8 @@ def _import_state(
     report_runs: dict[str, list[dg.RunRecord]],
     retries: RetrySettings,
 ) -> None:
-    key = import_key_of(record)
+    handle = handle_of(record)
+    key = handle.key if handle is not None else None
     state.import_key = key
     if key is not None and report_covers(report, record, key):
         meta = metadata_of(report)

@@ -44,12 +44,15 @@ def retry_request(state: PartitionState) -> dg.RunRequest:
     )
 
 
-def retrying(instance: dg.DagsterInstance, keys: FeedKeys, now: float) -> list[PartitionState]:
-    """Partitions whose ingest failed and will run again (after reaping runs of dead processes)."""
+def current_states(instance: dg.DagsterInstance, keys: FeedKeys, now: float) -> list[PartitionState]:
+    """Every partition's state, after marking failed the runs of processes that died."""
     reap_dead_runs(instance, [keys.ingest_job, keys.report_job])
-    return [
-        s for s in feed_states(instance, keys, keys.feed.retries, now=now).values() if s.state == "retrying"
-    ]
+    return list(feed_states(instance, keys, keys.feed.retries, now=now).values())
+
+
+def retrying(instance: dg.DagsterInstance, keys: FeedKeys, now: float) -> list[PartitionState]:
+    """Partitions whose ingest failed and will run again (``sync`` ignores the back-off)."""
+    return [s for s in current_states(instance, keys, now) if s.state == "retrying"]
 
 
 def overview(states: Iterable[PartitionState]) -> str:
@@ -76,14 +79,13 @@ def build_retries_sensor(keys: FeedKeys, ingest_job: UnresolvedAssetJobDefinitio
     )
     def ingest_retries(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         now = time.time()
-        reap_dead_runs(context.instance, [keys.ingest_job, keys.report_job])
-        states = feed_states(context.instance, keys, retries, now=now)
-        due = [s for s in states.values() if s.state == "retrying" and (s.retry_at or 0) <= now]
+        states = current_states(context.instance, keys, now)
+        due = [s for s in states if s.state == "retrying" and (s.retry_at or 0) <= now]
         for state in due:
             context.log.info(f"{state.partition}: attempt {state.attempts + 1} ({state.detail})")
         return dg.SensorResult(
             run_requests=[retry_request(s) for s in due],
-            skip_reason=None if due else overview(states.values()),
+            skip_reason=None if due else overview(states),
         )
 
     return ingest_retries

@@ -34,13 +34,8 @@ from typing import Any
 import dagster as dg
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
-from audience_pipeline.assets import FeedKeys
-from audience_pipeline.automation.lifecycle import (
-    FINISHED_STATUSES,
-    latest_by_partition,
-    metadata_of,
-    report_covers,
-)
+from audience_pipeline.assets import FeedKeys, handle_of, metadata_of
+from audience_pipeline.automation.lifecycle import FINISHED_STATUSES, latest_by_partition, report_covers
 from audience_pipeline.destinations.base import JobHandle, JobState, JobStatus
 from audience_pipeline.destinations.http import RetryPolicy, VendorConnectionError, VendorError
 from audience_pipeline.feeds.model import DestinationConfig, RetrySettings, import_timeout_seconds
@@ -138,10 +133,9 @@ def _follow_imports(
     ).records
     for record in records:
         after = record.storage_id
-        meta = metadata_of(record)
-        if not record.partition_key or not isinstance(meta.get("job_handle"), dict):
+        handle = handle_of(record)
+        if not record.partition_key or handle is None:
             continue
-        handle = JobHandle.model_validate(meta["job_handle"])
         partition = record.partition_key
         if handle.key in tracked:
             continue
@@ -151,7 +145,7 @@ def _follow_imports(
             )
             tracked.pop(key)
         report = latest_by_partition(context.instance, keys.failure_report, [partition]).get(partition)
-        if meta.get("reused_previous_import") and report_covers(report, record, handle.key):
+        if metadata_of(record).get("reused_previous_import") and report_covers(report, record, handle.key):
             context.log.info(
                 f"{partition}: a re-run reused import {handle.key}, whose report already exists; "
                 "no new report (run with config force: true to import again)"
@@ -255,13 +249,8 @@ def _poll(client, handle: JobHandle) -> JobStatus | Deferred | tuple[bool, str]:
 
 def _handles(instance: dg.DagsterInstance, keys: FeedKeys, partitions: set[str]) -> dict[str, JobHandle]:
     """The latest handle of each partition, by import key."""
-    out = {}
-    for record in latest_by_partition(instance, keys.import_job, sorted(partitions)).values():
-        handle = metadata_of(record).get("job_handle")
-        if isinstance(handle, dict):
-            parsed = JobHandle.model_validate(handle)
-            out[parsed.key] = parsed
-    return out
+    records = latest_by_partition(instance, keys.import_job, sorted(partitions)).values()
+    return {handle.key: handle for handle in map(handle_of, records) if handle is not None}
 
 
 def _report_requests(

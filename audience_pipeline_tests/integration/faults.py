@@ -11,13 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import dagster as dg
 
-from audience_pipeline.automation.lifecycle import (
-    PartitionState,
-    feed_states,
-    latest_by_partition,
-    metadata_of,
-)
-from audience_pipeline.destinations.base import JobHandle
+from audience_pipeline.assets import handle_of, metadata_of
+from audience_pipeline.automation.lifecycle import PartitionState, feed_states, latest_by_partition
 from audience_pipeline.sandbox import SandboxServer
 from audience_pipeline_tests.integration.conftest import DEMO_MAPPING, FEED
 
@@ -129,8 +124,7 @@ def assert_nothing_lost(
             + report["failed_at_target"]
             + report["ignored_by_target"]
         ), f"{partition}: counts do not add up: {report}"
-        handle = JobHandle.model_validate(metadata_of(imports[partition])["job_handle"])
-        assert report["import_key"] == handle.key
+        assert report["import_key"] == handle_of(imports[partition]).key
     submitted = [p for p in partitions if p in imports and metadata_of(imports[p])["submitted_rows"]]
     received = imports_received(sandbox)
     assert len(received) == len(submitted), f"vendor imports {received} for partitions {submitted}"
