@@ -14,6 +14,9 @@ VENDOR_STATUS_TAG = "audience_pipeline/vendor_status"
 FINAL_STATE_TAG = "audience_pipeline/final_state"
 """On report runs: why the import ended — the vendor's final word, ``timed_out`` or ``poll_failed``."""
 FINAL_DETAIL_TAG = "audience_pipeline/final_detail"
+FINAL_JOB_STATE_TAG = "audience_pipeline/final_job_state"
+"""On report runs: ``succeeded`` or ``failed`` as the sensor's last poll saw it, so the report
+takes the vendor's final word from the tags instead of polling a finished job again."""
 PROCESS_TAG = "audience_pipeline/process"
 """On runs executed in-process by ``sync``/``demo``: ``host:pid:start``, so a later ``sync`` can
 tell that the process died (``kill -9``) and mark the run failed; the daemon's runs have run

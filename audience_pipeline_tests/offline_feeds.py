@@ -12,8 +12,11 @@ from audience_pipeline.feeds.model import FeedsFile
 FEED = "staff"
 
 
-def write_offline_feeds(root: Path) -> FeedsFile:
-    """Feed ``FEED`` reading ``root/incoming`` (created), with ID and Email mapped; loaded back."""
+def write_offline_feeds(root: Path, feeds: int = 1) -> FeedsFile:
+    """Feed ``FEED`` reading ``root/incoming`` (created), with ID and Email mapped; loaded back.
+
+    ``feeds > 1`` adds ``FEED_2``, ``FEED_3``… like it, on the same destination, each with its own
+    import name."""
     (root / "incoming").mkdir(parents=True, exist_ok=True)
     config = {
         "sources": {"hr_drop": {"type": "folder", "path": str(root / "incoming")}},
@@ -28,13 +31,14 @@ def write_offline_feeds(root: Path) -> FeedsFile:
         },
         "feeds": [
             {
-                "name": FEED,
+                "name": FEED if n == 1 else f"{FEED}_{n}",
                 "source": "hr_drop",
                 "destination": "cxi",
                 "max_rejection_rate": 0.5,
                 "mapping": {"unique_id": "ID", "email": "Email"},
-                "options": {"import_name": "All staff"},
+                "options": {"import_name": "All staff" if n == 1 else f"All staff {n}"},
             }
+            for n in range(1, feeds + 1)
         ],
     }
     path = root / "feeds.yaml"

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dagster as dg
@@ -33,8 +34,9 @@ from audience_pipeline.automation.status import (
     LOST_REQUEST_SECONDS,
     MAX_POLLS_PER_TICK,
     POLL_RETRY,
-    POLL_THREADS,
     build_status_sensor,
+    in_flight,
+    poll_interval,
 )
 from audience_pipeline.destinations.base import (
     ChunkJob,
@@ -48,7 +50,7 @@ from audience_pipeline.destinations.base import (
     combine_states,
 )
 from audience_pipeline.destinations.http import VendorConnectionError, VendorHTTPError
-from audience_pipeline.feeds.model import DestinationConfig, FeedsFile, RetrySettings
+from audience_pipeline.feeds.model import DestinationConfig, FeedsFile, RetrySettings, StatusPolling
 from audience_pipeline.redact import register_secret
 from audience_pipeline.sources.base import hash_file, partition_key
 from audience_pipeline.sources.registry import build_source_resource
@@ -64,7 +66,7 @@ from audience_pipeline.tags import (
 from audience_pipeline_tests.offline_feeds import FEED, write_offline_feeds
 
 SECRET = "vendor-secret-9d1c7b2e"
-ENTRY_FIELDS = {"p", "since", "err", "polled", "final", "detail", "att", "at"}
+ENTRY_FIELDS = {"p", "sid", "since", "err", "polled", "next", "final", "detail", "att", "at"}
 STARTED, FAILURE = dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.FAILURE
 
 
@@ -103,7 +105,9 @@ class FakeVendor:
     def close(self) -> None:
         self.closed += 1
 
-    def submit(self, rows: pd.DataFrame, *, feed: str, partition: str) -> JobHandle:
+    def submit(
+        self, rows: pd.DataFrame, *, feed: str, partition: str, previous: JobHandle | None = None
+    ) -> JobHandle:
         self.submitted.append(rows)
         jobs = [ChunkJob(job_id=f"job-{len(self.submitted)}-{i}", first_row=i, row_count=1) for i in range(2)]
         for job in jobs:
@@ -112,7 +116,9 @@ class FakeVendor:
             vendor=self.vendor, feed=feed, partition=partition, jobs=jobs, submitted_rows=len(rows)
         )
 
-    def reconcile(self, intent: object, rows: pd.DataFrame) -> Reconciliation:
+    def reconcile(
+        self, intent: object, rows: pd.DataFrame, *, previous: JobHandle | None = None
+    ) -> Reconciliation:
         return cannot_reconcile(self.vendor, "the fake keeps no history")
 
     def status(self, handle: JobHandle) -> JobStatus:
@@ -249,6 +255,7 @@ def tick(
         definitions=sensor.definitions,
     )
     result = sensor.evaluate_tick(context)
+    TICK_STATE[id(result)] = in_flight(instance, FEED)
     for request in result.run_requests if launch is not None else []:
         assert not instance.get_run_records(dg.RunsFilter(tags={RUN_KEY_TAG: request.run_key}))
         instance.add_run(
@@ -304,8 +311,12 @@ def make_handle(
     )
 
 
+TICK_STATE: dict[int, dict[str, dict]] = {}
+"""The imports the sensor tracked right after each tick (the state lives in the instance)."""
+
+
 def imports_of(result) -> dict[str, dict]:
-    return json.loads(result.cursor)["imports"]
+    return TICK_STATE[id(result)]
 
 
 def logged(capfd: pytest.CaptureFixture, needle: str) -> list[str]:
@@ -321,7 +332,7 @@ def test_nothing_in_flight_skips_with_a_small_cursor(sensor, instance, vendor) -
 
     assert result.run_requests == []
     assert result.skip_message == "no import in flight"
-    assert json.loads(result.cursor) == {"after": None, "imports": {}}
+    assert json.loads(result.cursor) == {"after": None, "in_flight": 0, "awaiting_report": 0}
     assert vendor.opened == 0  # no client is built when there is nothing to poll
 
 
@@ -332,7 +343,7 @@ def test_the_earlier_cursor_is_read_again_from_the_start(keys, sensor, instance,
     result = tick(sensor, instance, vendor, earlier)
 
     assert list(imports_of(result)) == ["J1"] and vendor.polled == ["J1"]
-    assert set(json.loads(result.cursor)) == {"after", "imports"}
+    assert json.loads(result.cursor)["in_flight"] == 1
 
 
 def test_real_import_job_is_polled_until_it_ends_then_its_report_ends_the_tracking(
@@ -362,13 +373,13 @@ def test_real_import_job_is_polled_until_it_ends_then_its_report_ends_the_tracki
 
     assert running.run_requests == []
     state = json.loads(running.cursor)
-    assert set(state) == {"after", "imports"} and isinstance(state["after"], int)
-    assert list(state["imports"]) == [key]
-    entry = state["imports"][key]
+    assert state == {"after": state["after"], "in_flight": 1, "awaiting_report": 0}
+    assert isinstance(state["after"], int) and list(imports_of(running)) == [key]
+    entry = imports_of(running)[key]
     assert set(entry) == ENTRY_FIELDS | {"last"} and entry["last"] == "vendor_running"
     assert entry["p"] == partition and entry["final"] is None and entry["err"] == 0 and entry["polled"] > 0
     assert vendor.polled == [key]
-    assert vendor.closed == vendor.opened == 2  # one client for the submit, one for the tick
+    assert vendor.opened == 2 and vendor.closed == 1  # the submit's client closed, the tick's kept
     assert vendor.retries[-1] is POLL_RETRY  # the sensor's client never sleeps on Retry-After
 
     vendor.states["job-1-0"] = JobState.SUCCEEDED
@@ -719,7 +730,7 @@ def test_a_poll_error_does_not_stop_the_other_polls_and_never_shows_a_secret(
 @pytest.fixture
 def cap(monkeypatch: pytest.MonkeyPatch) -> int:
     """A small per-tick cap, so that going past it needs a handful of imports, not fifty."""
-    assert 10 <= MAX_POLLS_PER_TICK <= 200  # enough per tick, yet well inside a 60 s tick
+    assert MAX_POLLS_PER_TICK >= 1000  # the time budget and the vendor limits bound a tick first
     monkeypatch.setattr(status_module, "MAX_POLLS_PER_TICK", 4)
     return 4
 
@@ -790,23 +801,133 @@ def test_an_import_is_forgotten_once_its_report_exists_so_the_cursor_stays_small
 
     assert len(vendor.polled) == 24 and done.run_requests == []
     state = json.loads(done.cursor)
-    assert state == {"after": state["after"], "imports": {}} and isinstance(state["after"], int)
-    assert len(done.cursor) < 60
+    assert state == {"after": state["after"], "in_flight": 0, "awaiting_report": 0}
+    assert isinstance(state["after"], int) and imports_of(done) == {}
 
 
-def test_polls_run_concurrently_but_bounded(keys, sensor, instance, vendor) -> None:
+def test_polls_run_concurrently_within_the_destinations_limit_on_clients_kept_across_ticks(
+    feeds, keys, make_sensor, instance, vendor
+) -> None:
+    sensor = make_sensor(destination(feeds, status_polling=StatusPolling(concurrency=4)))
     vendor.delay = 0.05
-    for i in range(2 * POLL_THREADS):
+    for i in range(12):
         name = f"p{i:02d}.csv@{i:010d}"
         record_import(instance, keys, name, make_handle(vendor, name, f"P{i}"))
 
     tick(sensor, instance, vendor, None)
 
-    assert len(vendor.polled) == 2 * POLL_THREADS
-    assert 1 < vendor.max_active <= POLL_THREADS
-    # Sequential polls would take 2 * POLL_THREADS * delay; bounded threads take about 2 * delay.
-    assert vendor.last_poll - vendor.first_poll < POLL_THREADS * vendor.delay
-    assert vendor.opened == vendor.closed == 1  # one client for the whole tick, closed
+    assert len(vendor.polled) == 12
+    assert 1 < vendor.max_active <= 4
+    # Sequential polls would take 12 * delay; four at a time take about 3 * delay.
+    assert vendor.last_poll - vendor.first_poll < 8 * vendor.delay
+    opened = vendor.opened
+    assert 1 <= opened <= 4 and vendor.closed == 0  # one client per worker, kept for the next tick
+
+    tick(sensor, instance, vendor, None)
+
+    assert len(vendor.polled) == 24 and vendor.opened == opened  # no new client on the next tick
+
+
+def test_feeds_on_one_destination_share_its_concurrency(tmp_path, vendor) -> None:
+    """Two feeds importing into one account poll it, together, no harder than its limit."""
+    feeds = write_offline_feeds(tmp_path, feeds=2)
+    vendor.delay = 0.05
+    config = feeds.destination_for(feeds.feeds[0]).model_copy(
+        update={"status_polling": StatusPolling(concurrency=3)}
+    )
+    sensors = []
+    with dg.instance_for_test() as instance:
+        for feed in feeds.feeds:
+            keys = FeedKeys(feed, feeds)
+            report_job = dg.define_asset_job(keys.report_job, selection=[keys.failure_report])
+            sensor = build_status_sensor(keys, report_job, config, feed.retries)
+            sensor.definitions = dg.Definitions(
+                assets=build_feed_assets(feed, feeds),
+                jobs=[report_job],
+                sensors=[sensor],
+                resources=feed_resources(tmp_path / "home", feeds, keys, FakeVendor()),
+            )
+            for i in range(9):
+                name = f"{feed.name}{i}.csv@{i:010d}"
+                handle = make_handle(vendor, name, f"{feed.name}-{i}").model_copy(update={"feed": feed.name})
+                record_import(instance, keys, name, handle)
+            sensors.append(sensor)
+        with ThreadPoolExecutor(max_workers=2) as pool:  # the daemon may evaluate sensors in threads
+            results = list(pool.map(lambda s: tick(s, instance, vendor, None), sensors))
+
+    assert [json.loads(r.cursor)["in_flight"] for r in results] == [9, 9]
+    assert len(vendor.polled) == 18
+    assert 1 < vendor.max_active <= 3
+
+
+def test_the_rate_limit_leaves_what_does_not_fit_for_the_next_tick(
+    feeds, keys, make_sensor, instance, vendor, monkeypatch
+) -> None:
+    monkeypatch.setattr(status_module, "TICK_BUDGET_SECONDS", 1.0)
+    sensor = make_sensor(
+        destination(feeds, status_polling=StatusPolling(concurrency=2, requests_per_second=4))
+    )
+    names = [f"r{i:02d}.csv@{i:010d}" for i in range(20)]
+    for i, name in enumerate(names):
+        record_import(instance, keys, name, make_handle(vendor, name, f"R{i:02d}"))
+
+    started = time.monotonic()
+    first = tick(sensor, instance, vendor, None)
+    elapsed = time.monotonic() - started
+
+    # Four a second for one second, plus a burst of two: the rest is not waited for.
+    assert 3 <= len(vendor.polled) <= 7 and elapsed < 4
+    polled_first = set(vendor.polled)
+    assert {k for k, e in imports_of(first).items() if e["polled"]} == polled_first
+    assert json.loads(first.cursor)["in_flight"] == 20
+
+    tick(sensor, instance, vendor, None)
+
+    assert not polled_first & set(vendor.polled[len(polled_first) :])  # the ones left out come first
+
+
+def test_long_running_imports_are_polled_less_often_but_at_least_every_max_interval(
+    feeds, keys, make_sensor, instance, vendor, clock
+) -> None:
+    sensor = make_sensor(destination(feeds, status_polling=StatusPolling(max_interval_seconds=120)))
+    record_import(instance, keys, "new.csv@0000000001", make_handle(vendor, "new.csv@0000000001", "NEW"))
+    old = make_handle(vendor, "old.csv@0000000002", "OLD", submitted_at=clock.now - 2 * 3600)
+    record_import(instance, keys, "old.csv@0000000002", old)
+    mid = make_handle(vendor, "mid.csv@0000000003", "MID", submitted_at=clock.now - 300)
+    record_import(instance, keys, "mid.csv@0000000003", mid)
+
+    polls: dict[str, list[float]] = {"NEW": [], "OLD": [], "MID": []}
+    cursor, start = None, clock.now
+    for _ in range(20):  # five minutes of ticks, 15 s apart
+        before = len(vendor.polled)
+        cursor = tick(sensor, instance, vendor, cursor).cursor
+        for key in vendor.polled[before:]:
+            polls[key].append(clock.now - start)
+        clock.advance(15)
+
+    assert len(polls["NEW"]) >= 18  # young: every tick (a tenth of a minute-old import's age < 15 s)
+    assert polls["OLD"] == [0, 120, 240]  # two hours old: capped at max_interval_seconds
+    gaps = [b - a for a, b in zip(polls["MID"], polls["MID"][1:], strict=False)]
+    assert gaps and all(30 <= g <= 75 for g in gaps)  # five minutes old: about every 30 s, then more
+
+
+def test_poll_interval_is_a_tenth_of_the_age_in_whole_ticks_capped() -> None:
+    assert poll_interval(0, 120) == poll_interval(149, 120) == 0  # every tick
+    assert poll_interval(150, 120) == poll_interval(299, 120) == 15
+    assert poll_interval(600, 120) == 60
+    assert poll_interval(7200, 120) == 120
+    assert poll_interval(-5, 120) == 0  # a vendor clock ahead of ours
+
+
+def test_the_cursor_stays_small_with_hundreds_in_flight(keys, sensor, instance, vendor) -> None:
+    for i in range(300):
+        name = f"m{i:03d}.csv@{i:010d}"
+        record_import(instance, keys, name, make_handle(vendor, name, f"M{i:03d}-{'x' * 30}"))
+
+    result = tick(sensor, instance, vendor, None)
+
+    assert len(imports_of(result)) == 300 and len(vendor.polled) == 300
+    assert len(result.cursor) < 100  # the imports live in the instance, not the cursor
 
 
 # --- report runs ---------------------------------------------------------------------------------

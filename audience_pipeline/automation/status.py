@@ -1,13 +1,29 @@
 """The import-status sensor: every import ends, and every import gets its report.
 
-It follows ``import_job`` materializations through the event log (cursor ``after`` = the last
-storage id read) and tracks each import by its key (``JobHandle.key``) until a
-``failure_report`` materialization names that very import. Per import the cursor keeps the
-partition, when it was submitted, consecutive poll errors, when it was last polled, its final
-state once known, and how many report runs were requested.
+It follows ``import_job`` materializations through the event log and tracks each import by its
+key (``JobHandle.key``) until a ``failure_report`` materialization names that very import.
+
+Thousands of imports in flight (see ``benchmarks/bench_status.py``):
+- **State in the instance, not the cursor.** Per import it keeps the partition, the storage id
+  of its ``import_job`` materialization, when it was submitted, last polled and is next due,
+  consecutive poll errors, its final state once known, and how many report runs were requested.
+  That is ~170 bytes an import, so it lives in the instance's key-value store (the table Dagster
+  keeps its own daemon cursors in, SQLite or Postgres alike) under :func:`state_key`, written once
+  per tick; the sensor's cursor only summarises it. A state written by a tick whose result
+  Dagster then lost is harmless: a report request it holds is asked again after
+  :data:`LOST_REQUEST_SECONDS` with the same run key.
+- **Read once.** A materialization is decoded once, when it is first seen; its handle is kept in
+  memory by storage id, and fetched again by storage id only after a restart.
+- **Due, not every tick.** An import is polled again after a tenth of its age
+  (:data:`POLL_AGE_FRACTION`, in whole sensor intervals), never less often than the destination's
+  ``status_polling.max_interval_seconds`` (120 s): a new import is polled every tick, a two-hour
+  APSIS import every two minutes. The most overdue are polled first.
+- **Bounded.** Polls run on kept client pools within the destination's concurrency and
+  requests-per-second limits (``polling.py``), until :data:`TICK_BUDGET_SECONDS`; what did not
+  fit stays due and comes first next tick.
 
 An import ends when:
-- the vendor says so (a terminal state);
+- the vendor says so (a terminal state); that answer ends the polling;
 - it outlives the destination's ``import_timeout_minutes`` (``timed_out``): the report then
   fails its rows with "timed out after …" instead of waiting forever;
 - ``max_poll_errors`` consecutive polls failed with an error that will not pass by itself
@@ -18,9 +34,10 @@ retry policy that does not retry 429), so it stays inside Dagster's sensor time 
 A status word the client does not know is logged by name and polled again.
 
 Report runs have ``run_key = <import key>:<final state>`` (``#report<n>`` from the second try
-on) and are retried with the feed's back-off until the report exists or ``max_attempts`` report
-runs failed; the partition then needs attention (see ``lifecycle.py``). A re-run that makes a
-new import is a new key, so it gets a new report; a re-run that reuses an import whose report
+on) and carry the final state in their tags, so the report does not ask the vendor again. They
+are retried with the feed's back-off until the report exists or ``max_attempts`` report runs
+failed; the partition then needs attention (see ``lifecycle.py``). A re-run that makes a new
+import is a new key, so it gets a new report; a re-run that reuses an import whose report
 exists says so in the tick's log.
 """
 
@@ -28,7 +45,9 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict
+from dataclasses import dataclass
+from time import monotonic
 from typing import Any
 
 import dagster as dg
@@ -36,31 +55,64 @@ from dagster._core.definitions.unresolved_asset_job_definition import Unresolved
 
 from audience_pipeline.assets import FeedKeys, handle_of, metadata_of
 from audience_pipeline.automation.lifecycle import FINISHED_STATUSES, latest_by_partition, report_covers
+from audience_pipeline.automation.polling import NOT_POLLED, PollLimits, pool_for
 from audience_pipeline.destinations.base import JobHandle, JobState, JobStatus
 from audience_pipeline.destinations.http import RetryPolicy, VendorConnectionError, VendorError
 from audience_pipeline.feeds.model import DestinationConfig, RetrySettings, import_timeout_seconds
 from audience_pipeline.redact import redact
 from audience_pipeline.tags import (
     FINAL_DETAIL_TAG,
+    FINAL_JOB_STATE_TAG,
     FINAL_STATE_TAG,
     IMPORT_TAG,
     POLL_GAVE_UP,
     VENDOR_STATUS_TAG,
 )
 
-MAX_POLLS_PER_TICK = 50
-POLL_THREADS = 8
+MAX_POLLS_PER_TICK = 2_000
+"""At most this many imports are handed to the pool per tick (the budget usually ends it first)."""
+TICK_BUDGET_SECONDS = 8.0
+"""Polls that cannot start within this many seconds of the tick's start wait for the next tick."""
+POLL_AGE_FRACTION = 0.1
+SENSOR_INTERVAL_SECONDS = 15
+FOLLOW_LIMIT = 1_000
+"""``import_job`` materializations read per tick; a backlog is read over several ticks."""
+HANDLE_CACHE_SIZE = 50_000
 POLL_RETRY = RetryPolicy(
     attempts=2, backoff_base=0.2, backoff_max=1.0, retry_statuses=frozenset({500, 502, 503, 504})
 )
 """Sensor-side calls: one quick retry of a server error, never a wait on Retry-After."""
 STATUS_SUFFIX = "__import_status"
+STATE_PREFIX = "audience_pipeline/import_status/"
 LOST_REQUEST_SECONDS = 120.0
 """A report run requested this long ago that never started is requested again (same run key)."""
+
+_HANDLES: OrderedDict[tuple[str, int], JobHandle] = OrderedDict()
 
 
 def status_sensor_name(feed: str) -> str:
     return f"{feed}{STATUS_SUFFIX}"
+
+
+def state_key(feed: str) -> str:
+    """Where a feed's in-flight imports are kept in the instance's key-value store."""
+    return f"{STATE_PREFIX}{feed}"
+
+
+def in_flight(instance: dg.DagsterInstance, feed: str) -> dict[str, dict[str, Any]]:
+    """The imports the feed's status sensor tracks, by import key (empty before its first tick)."""
+    stored = instance.daemon_cursor_storage.get_cursor_values({state_key(feed)}).get(state_key(feed))
+    return json.loads(stored)["imports"] if stored else {}
+
+
+def poll_interval(age: float, max_interval: float) -> float:
+    """Seconds until the next poll of an import ``age`` seconds old (see the module docstring).
+
+    Rounded down to whole sensor intervals, so an import younger than ten intervals is due at
+    every tick however early the tick comes.
+    """
+    tenth = max(0.0, age) * POLL_AGE_FRACTION
+    return min(max_interval, tenth // SENSOR_INTERVAL_SECONDS * SENSOR_INTERVAL_SECONDS)
 
 
 class Deferred(Exception):
@@ -75,53 +127,75 @@ def build_status_sensor(
 ) -> dg.SensorDefinition:
     limit = import_timeout_seconds(destination)
     max_errors = destination.max_poll_errors
+    polling = destination.status_polling
+    limits = PollLimits(polling.concurrency, polling.requests_per_second)
 
     @dg.sensor(
         name=status_sensor_name(keys.feed.name),
         job=report_job,
-        minimum_interval_seconds=15,
+        minimum_interval_seconds=SENSOR_INTERVAL_SECONDS,
         default_status=dg.DefaultSensorStatus.RUNNING,
         required_resource_keys={keys.destination_resource},
         description=(
-            f"Polls in-flight imports (time limit {limit / 3600:g} h) and requests the failure report "
-            "when one ends; retries report runs that fail."
+            f"Polls in-flight imports (time limit {limit / 3600:g} h, at least every "
+            f"{polling.max_interval_seconds:g} s, at most {limits.requests_per_second:g} calls/s) and "
+            "requests the failure report when one ends; retries report runs that fail."
         ),
     )
-    def import_status(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
-        state = _parse(context.cursor)
+    def import_status(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        started = monotonic()  # the tick's budget runs on the pool's clock, not the wall clock
+        state = _load(context, keys)
         tracked: dict[str, dict[str, Any]] = state["imports"]
         state["after"] = _follow_imports(context, keys, tracked, state["after"])
-        if not tracked:
-            return dg.SensorResult(cursor=_dump(state), skip_reason="no import in flight")
         now = time.time()
-        due = sorted(
-            (k for k, e in tracked.items() if e.get("final") is None), key=lambda k: tracked[k]["polled"]
-        )
-        due = due[:MAX_POLLS_PER_TICK]
+        due = sorted(  # an import past its time limit is asked once more: it may have just ended
+            (
+                k
+                for k, e in tracked.items()
+                if e.get("final") is None and (e.get("next", 0) <= now or now - e["since"] > limit)
+            ),
+            key=lambda k: (tracked[k].get("next", 0), tracked[k]["polled"]),
+        )[:MAX_POLLS_PER_TICK]
         if due:
-            _poll_all(context, keys, tracked, due, now, limit, max_errors)
-        requests = _report_requests(context, keys, tracked, retries, now)
+            poll = _Poll(limit, max_errors, polling.max_interval_seconds)
+            _poll_all(context, keys, limits, tracked, due, now, poll, started + TICK_BUDGET_SECONDS)
+        requests = _report_requests(context, keys, tracked, retries, now) if tracked else []
+        _save(context.instance, keys, state)
         waiting = sum(1 for e in tracked.values() if e.get("final") is None)
+        summary = {"after": state["after"], "in_flight": waiting, "awaiting_report": len(tracked) - waiting}
+        if not tracked:
+            skip = "no import in flight"
+        else:
+            skip = f"{waiting} import(s) in flight, {len(tracked) - waiting} awaiting a report"
         return dg.SensorResult(
-            run_requests=requests,
-            cursor=_dump(state),
-            skip_reason=None
-            if requests
-            else f"{waiting} import(s) in flight, {len(tracked) - waiting} awaiting a report",
+            run_requests=requests, cursor=json.dumps(summary), skip_reason=None if requests else skip
         )
 
     return import_status
 
 
-def _parse(cursor: str | None) -> dict[str, Any]:
-    raw = json.loads(cursor) if cursor else {}
-    if "imports" not in raw:  # the earlier cursor ({"after", "inflight"}): re-read from its start
-        return {"after": None, "imports": {}}
-    return raw
+def _load(context: dg.SensorEvaluationContext, keys: FeedKeys) -> dict[str, Any]:
+    """The feed's state from the instance; the cursor of earlier releases is taken over once."""
+    key = state_key(keys.feed.name)
+    stored = context.instance.daemon_cursor_storage.get_cursor_values({key}).get(key)
+    if stored:
+        return json.loads(stored)
+    raw = json.loads(context.cursor) if context.cursor else {}
+    if isinstance(raw.get("imports"), dict):  # state kept in the cursor itself (before the instance)
+        return {"after": raw.get("after"), "imports": raw["imports"]}
+    return {"after": None, "imports": {}}  # nothing kept: read every import_job from the start
 
 
-def _dump(state: dict[str, Any]) -> str:
-    return json.dumps(state, separators=(",", ":"), sort_keys=True)
+def _save(instance: dg.DagsterInstance, keys: FeedKeys, state: dict[str, Any]) -> None:
+    text = json.dumps(state, separators=(",", ":"), sort_keys=True)
+    instance.daemon_cursor_storage.set_cursor_values({state_key(keys.feed.name): text})
+
+
+def _remember(keys: FeedKeys, storage_id: int, handle: JobHandle) -> None:
+    _HANDLES[(keys.import_job.to_user_string(), storage_id)] = handle
+    _HANDLES.move_to_end((keys.import_job.to_user_string(), storage_id))
+    while len(_HANDLES) > HANDLE_CACHE_SIZE:
+        _HANDLES.popitem(last=False)
 
 
 def _follow_imports(
@@ -129,33 +203,50 @@ def _follow_imports(
 ) -> int | None:
     """Start tracking imports materialized since ``after``; say when a re-run reused one."""
     records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=keys.import_job, after_storage_id=after), limit=1000, ascending=True
+        dg.AssetRecordsFilter(asset_key=keys.import_job, after_storage_id=after),
+        limit=FOLLOW_LIMIT,
+        ascending=True,
     ).records
+    new: list[tuple[dg.EventLogRecord, JobHandle]] = []
     for record in records:
         after = record.storage_id
         handle = handle_of(record)
-        if not record.partition_key or handle is None:
-            continue
+        if record.partition_key and handle is not None:
+            _remember(keys, record.storage_id, handle)
+            new.append((record, handle))
+    if not new:
+        return after
+    reports = latest_by_partition(
+        context.instance, keys.failure_report, sorted({r.partition_key for r, _ in new if r.partition_key})
+    )
+    by_partition = {e["p"]: k for k, e in tracked.items()}
+    for record, handle in new:
         partition = record.partition_key
+        assert partition is not None
         if handle.key in tracked:
+            tracked[handle.key]["sid"] = record.storage_id
             continue
-        for key in [k for k, e in tracked.items() if e["p"] == partition]:
+        superseded = by_partition.pop(partition, None)
+        if superseded in tracked:
             context.log.info(
-                f"{partition}: import {key} superseded by {handle.key}; only the newest is reported"
+                f"{partition}: import {superseded} superseded by {handle.key}; only the newest is reported"
             )
-            tracked.pop(key)
-        report = latest_by_partition(context.instance, keys.failure_report, [partition]).get(partition)
-        if metadata_of(record).get("reused_previous_import") and report_covers(report, record, handle.key):
-            context.log.info(
-                f"{partition}: a re-run reused import {handle.key}, whose report already exists; "
-                "no new report (run with config force: true to import again)"
-            )
+            tracked.pop(superseded)
+        if report_covers(reports.get(partition), record, handle.key):
+            if metadata_of(record).get("reused_previous_import"):
+                context.log.info(
+                    f"{partition}: a re-run reused import {handle.key}, whose report already exists; "
+                    "no new report (run with config force: true to import again)"
+                )
             continue
+        by_partition[partition] = handle.key
         tracked[handle.key] = {
             "p": partition,
+            "sid": record.storage_id,
             "since": handle.submitted_at,
             "err": 0,
             "polled": 0,
+            "next": 0,
             "final": None if handle.jobs else "nothing_submitted",
             "detail": "",
             "att": 0,
@@ -164,60 +255,95 @@ def _follow_imports(
     return after
 
 
+@dataclass(frozen=True)
+class _Poll:
+    """The destination's settings a poll's answer is judged by."""
+
+    limit: float
+    max_errors: int
+    max_interval: float
+
+
 def _poll_all(
     context: dg.SensorEvaluationContext,
     keys: FeedKeys,
+    limits: PollLimits,
     tracked: dict[str, dict],
     due: list[str],
     now: float,
-    limit: float,
-    max_errors: int,
+    poll: _Poll,
+    deadline: float,
 ) -> None:
-    handles = _handles(context.instance, keys, {tracked[k]["p"] for k in due})
-    resource = getattr(context.resources, keys.destination_resource)
-    client = resource.destination(keys.feed.options, retry=POLL_RETRY)
-    polled = [k for k in due if k in handles]
-    try:
-        with ThreadPoolExecutor(max_workers=POLL_THREADS) as pool:
-            results = list(pool.map(lambda k: _poll(client, handles[k]), polled))
-    finally:
-        client.close()
-    for key in set(due) - set(polled):  # its materialization is gone (wiped partition): stop tracking
+    handles = _handles(context.instance, keys, {k: tracked[k] for k in due})
+    for key in [k for k in due if k not in handles]:  # its materialization is gone (wiped partition)
         tracked.pop(key)
-    for key, result in zip(polled, results, strict=True):
+    polled = [k for k in due if k in handles]
+    resource = getattr(context.resources, keys.destination_resource)
+    options = keys.feed.options
+    pool = pool_for(
+        keys.destination_resource,
+        resource,
+        options,
+        limits,
+        lambda: resource.destination(options, retry=POLL_RETRY),
+    )
+    results = pool.run([(k, _caller(handles[k]), max(1, len(handles[k].jobs))) for k in polled], deadline)
+    deferred = [tracked[k]["p"] for k, r in results.items() if isinstance(r, Deferred)]
+    if deferred:
+        context.log.info(
+            f"the vendor asked to slow down (429) for {len(deferred)} import(s), e.g. {deferred[0]}; "
+            "polled again next tick"
+        )
+    skipped = sum(1 for r in results.values() if r is NOT_POLLED)
+    if skipped:
+        context.log.info(f"{skipped} due import(s) did not fit in this tick's limits; polled first next tick")
+    for key in polled:
+        result = results[key]
+        if result is NOT_POLLED:
+            continue
         entry = tracked[key]
         entry["polled"] = now
-        partition = entry["p"]
-        if isinstance(result, Deferred):
-            context.log.info(f"{partition}: the vendor asked to slow down (429); polled again next tick")
-        elif isinstance(result, JobStatus):
-            entry["err"] = 0
-            entry["last"] = result.vendor_status
-            if result.state.terminal:
-                entry["final"] = result.vendor_status
-                continue
-            if result.state is JobState.UNKNOWN:
-                context.log.warning(
-                    f"{partition}: import {key} reports status {result.vendor_status!r}, which this pipeline "
-                    "does not know; it is polled until it ends or reaches its time limit"
-                )
-        else:
-            permanent, message = result
-            entry["err"] += 1 if permanent else 0  # only a good answer resets the count
+        entry["next"] = now + poll_interval(now - entry["since"], poll.max_interval)
+        _apply(context, key, entry, result, now, poll)
+
+
+def _apply(
+    context: dg.SensorEvaluationContext, key: str, entry: dict, result: Any, now: float, poll: _Poll
+) -> None:
+    """One poll's answer: the final state, an error counted, or the time limit reached."""
+    partition = entry["p"]
+    if isinstance(result, Deferred):
+        entry["next"] = now
+    elif isinstance(result, JobStatus):
+        entry["err"] = 0
+        entry["last"] = result.vendor_status
+        if result.state.terminal:
+            entry["final"] = result.vendor_status
+            entry["state"] = result.state.value
+            return
+        if result.state is JobState.UNKNOWN:
             context.log.warning(
-                f"{partition}: status poll failed"
-                + (f" ({entry['err']} of {max_errors} in a row)" if permanent else "")
-                + f": {message}"
+                f"{partition}: import {key} reports status {result.vendor_status!r}, which this pipeline "
+                "does not know; it is polled until it ends or reaches its time limit"
             )
-            if entry["err"] >= max_errors:
-                entry["final"] = "poll_failed"
-                entry["detail"] = f"status polls failed {entry['err']} times in a row: {message}"
-                continue
-        if entry.get("final") is None and now - entry["since"] > limit:
-            entry["final"] = "timed_out"
-            last = entry.get("last") or "unknown"
-            entry["detail"] = f"timed out after {_duration(limit)} (last vendor status: {last})"
-            context.log.warning(f"{partition}: import {key} {entry['detail']}")
+    else:
+        permanent, message = result
+        entry["err"] += 1 if permanent else 0  # only a good answer resets the count
+        entry["next"] = now
+        context.log.warning(
+            f"{partition}: status poll failed"
+            + (f" ({entry['err']} of {poll.max_errors} in a row)" if permanent else "")
+            + f": {message}"
+        )
+        if entry["err"] >= poll.max_errors:
+            entry["final"] = "poll_failed"
+            entry["detail"] = f"status polls failed {entry['err']} times in a row: {message}"
+            return
+    if now - entry["since"] > poll.limit:
+        entry["final"] = "timed_out"
+        last = entry.get("last") or "unknown"
+        entry["detail"] = f"timed out after {_duration(poll.limit)} (last vendor status: {last})"
+        context.log.warning(f"{partition}: import {key} {entry['detail']}")
 
 
 def _duration(seconds: float) -> str:
@@ -247,10 +373,43 @@ def _poll(client, handle: JobHandle) -> JobStatus | Deferred | tuple[bool, str]:
         return (True, redact(f"{type(exc).__name__}: {exc}"))
 
 
-def _handles(instance: dg.DagsterInstance, keys: FeedKeys, partitions: set[str]) -> dict[str, JobHandle]:
-    """The latest handle of each partition, by import key."""
-    records = latest_by_partition(instance, keys.import_job, sorted(partitions)).values()
-    return {handle.key: handle for handle in map(handle_of, records) if handle is not None}
+def _caller(handle: JobHandle):
+    return lambda client: _poll(client, handle)
+
+
+def _handles(instance: dg.DagsterInstance, keys: FeedKeys, entries: dict[str, dict]) -> dict[str, JobHandle]:
+    """The handle of each import, by key: from memory, else by storage id, else by partition."""
+    asset = keys.import_job.to_user_string()
+    found: dict[str, JobHandle] = {}
+    by_sid: dict[int, str] = {}
+    by_partition: list[str] = []
+    for key, entry in entries.items():
+        sid = entry.get("sid")
+        cached = _HANDLES.get((asset, sid)) if sid is not None else None
+        if cached is not None and cached.key == key and cached.partition == entry["p"]:
+            found[key] = cached
+        elif sid is not None:
+            by_sid[sid] = key
+        else:  # tracked before storage ids were kept
+            by_partition.append(entry["p"])
+    sids = sorted(by_sid)
+    for start in range(0, len(sids), 500):
+        chunk = sids[start : start + 500]
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=keys.import_job, storage_ids=chunk), limit=len(chunk)
+        ).records
+        for record in records:
+            handle = handle_of(record)
+            if handle is not None and by_sid.get(record.storage_id) == handle.key:
+                _remember(keys, record.storage_id, handle)
+                found[handle.key] = handle
+    if by_partition:
+        for record in latest_by_partition(instance, keys.import_job, sorted(set(by_partition))).values():
+            handle = handle_of(record)
+            if handle is not None and handle.key in entries:
+                entries[handle.key]["sid"] = record.storage_id
+                found[handle.key] = handle
+    return found
 
 
 def _report_requests(
@@ -300,5 +459,7 @@ def _report_requests(
         tags = {IMPORT_TAG: key, VENDOR_STATUS_TAG: entry["final"], FINAL_STATE_TAG: entry["final"]}
         if entry["final"] in POLL_GAVE_UP:
             tags[FINAL_DETAIL_TAG] = entry["detail"][:250]
+        elif entry.get("state"):
+            tags[FINAL_JOB_STATE_TAG] = entry["state"]
         requests.append(dg.RunRequest(partition_key=partition, run_key=run_key, tags=tags))
     return requests

@@ -279,14 +279,34 @@ class HttpReportSource(StrictModel):
 SourceConfig = Annotated[FolderSource | SftpSource | S3Source | HttpReportSource, Field(discriminator="type")]
 
 
+class StatusPolling(StrictModel):
+    """How the import-status sensor polls one destination (one account at one vendor).
+
+    None of the five vendor documents states a rate limit for status calls (APSIS One limits
+    pending imports, not requests), so the defaults are ours: polite for a cheap GET, yet enough to
+    poll 5,000 imports in flight at least every two minutes. Every feed on the destination shares
+    these limits. An import is polled again after a tenth of its age, and never less often than
+    ``max_interval_seconds``: a two-hour import is not polled every tick, a new one is.
+    """
+
+    concurrency: int = Field(default=8, ge=1, le=64)
+    """Status calls in flight at once, across every feed on this destination."""
+    requests_per_second: float = Field(default=100.0, gt=0, le=1000)
+    """Status calls started per second, across every feed on this destination."""
+    max_interval_seconds: float = Field(default=120.0, ge=15, le=3600)
+    """The longest an in-flight import goes without a poll (when the limits allow)."""
+
+
 class DestinationBase(StrictModel):
-    """Settings every destination has: how long an import may run and how many polls may fail."""
+    """Settings every destination has: how long an import may run, how many polls may fail and
+    how hard its status may be polled."""
 
     import_timeout_minutes: float | None = Field(default=None, gt=0)
     """Give up on a vendor import still running after this long; ``None``: the vendor's default
     (:data:`DEFAULT_IMPORT_TIMEOUT_MINUTES`)."""
     max_poll_errors: int = Field(default=5, ge=1)
     """How many status polls in a row may fail before the import is given up on."""
+    status_polling: StatusPolling = Field(default_factory=StatusPolling)
 
 
 class CommunicateXIDestination(DestinationBase):
