@@ -9,6 +9,7 @@ Control routes (no API key, never affected by faults):
 - ``GET  /_sandbox/requests`` (optional query ``vendor``, ``method``, ``path_contains``) →
   ``{"requests": [{"vendor", "method", "path", "status", "faulted", "after"}, ...]}``, oldest first;
   see :class:`~audience_pipeline.sandbox.faults.RequestLog`
+- ``DELETE /_sandbox/requests`` → forget the request log only (a benchmark counts per tick)
 - ``/_sandbox/<vendor>/...`` → a vendor's own control routes (e.g. CXI's "mark import in use")
 
 Nothing here logs request headers, query strings or bodies: they carry vendor API keys.
@@ -169,6 +170,9 @@ def build_app(settings: SandboxSettings | None = None) -> SandboxApp:
         return JSONResponse({"ok": True, "fault": fault.describe()}, status_code=201)
 
     async def list_requests(request: Request) -> Response:
+        if request.method == "DELETE":
+            requests.clear()
+            return JSONResponse({"ok": True})
         unknown = sorted(set(request.query_params) - {"vendor", "method", "path_contains"})
         if unknown:
             return error_response(
@@ -192,7 +196,7 @@ def build_app(settings: SandboxSettings | None = None) -> SandboxApp:
         Route(f"{CONTROL_PREFIX}/health", health, methods=["GET"]),
         Route(f"{CONTROL_PREFIX}/reset", reset, methods=["POST"]),
         Route(f"{CONTROL_PREFIX}/faults", add_fault, methods=["POST"]),
-        Route(f"{CONTROL_PREFIX}/requests", list_requests, methods=["GET"]),
+        Route(f"{CONTROL_PREFIX}/requests", list_requests, methods=["GET", "DELETE"]),
     ]
     routes += [Mount(f"{CONTROL_PREFIX}/{v.name}", routes=v.control_routes()) for v in vendors]
     routes += [Mount(v.prefix, routes=v.routes()) for v in vendors]
