@@ -304,3 +304,14 @@ def test_stall_rejects_bad_bodies(sandbox: SandboxServer, body: object) -> None:
 
     assert answer.status_code == 400
     assert answer.json()["error"]["code"] == "invalid_request"
+
+
+@pytest.mark.integration
+def test_deleting_the_request_log_keeps_the_vendors_state(sandbox: SandboxServer, cxi: httpx.Client) -> None:
+    job_id = create(cxi, "Kept").json()["data"]["asyncJobId"]
+
+    cleared = httpx.delete(f"{sandbox.url}/_sandbox/requests")
+
+    assert cleared.status_code == 200 and sandbox.requests() == []
+    assert cxi.get(f"{LIST}/async-jobs/{job_id}/status").status_code == 200  # the job is still there
+    assert len(sandbox.requests(vendor="cxi")) == 1
