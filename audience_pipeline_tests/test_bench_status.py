@@ -35,7 +35,7 @@ def test_targets_are_judged_on_gap_tick_and_cursor() -> None:
 
 
 def test_strict_exits_1_when_the_largest_run_misses(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fake(count: int, latency: int, minutes: float) -> Run:
+    def fake(count: int, latency: int, minutes: float, feeds: int) -> Run:
         return _run(imports=count, cursor_bytes=count * 40)  # 200 KB at 5,000: the cursor of before
 
     monkeypatch.setattr(bench_status, "measure", fake)
@@ -53,3 +53,11 @@ def test_a_small_run_polls_every_import_against_the_sandbox() -> None:
     assert run.calls_per_tick_max == 30  # young imports are all polled at every tick
     assert run.ticks >= 3 and run.max_gap_minutes == 0.25
     assert 0 < run.cursor_bytes < 200 and run.state_bytes > 30 * 50
+
+
+@pytest.mark.integration
+def test_imports_spread_over_feeds_are_all_polled() -> None:
+    run = measure(30, 0, minutes=0.25, feeds_count=3)
+
+    assert run.polled_at_least_once == 30 and run.calls_per_tick_max == 30
+    assert run.state_bytes > 30 * 50

@@ -12,12 +12,15 @@ Every import is submitted at the start, so all are young (the worst case: nothin
 Which import a tick polled comes from the sandbox's request log, so the figures hold for any
 version of the sensor.
 
+With ``--feeds K`` the imports are spread over K feeds on one destination (sharing its limits),
+whose sensors tick one after the other in each round; a "tick" is then the whole round.
+
 Figures per run: tick seconds (median and max), status calls per tick, minutes until every
 import was polled once, the longest gap between two polls of one import, the cursor's size, the
 size of the state the sensor keeps in the instance, and the peak RSS of this process.
 
 Usage: ``python -m benchmarks.bench_status [--sizes 100,1000,5000] [--latency-ms 0,50]
-[--minutes 6] [--json] [--strict]``. ``--strict`` exits 1 unless, at the largest N with the
+[--minutes 6] [--feeds 1] [--json] [--strict]``. ``--strict`` exits 1 unless, at the largest N with the
 largest latency, every import is polled within 2 minutes, every tick takes at most 10 s and the
 cursor is at most 16 KB. Progress goes to stderr.
 """
@@ -119,7 +122,12 @@ def create_jobs(base: str, count: int) -> list[str]:
             return [str(first["asyncJobId"]), *later]
 
 
-def write_feeds(root: Path, base: str) -> Path:
+def feed_names(count: int) -> list[str]:
+    return [FEED] if count == 1 else [f"{FEED}{n}" for n in range(1, count + 1)]
+
+
+def write_feeds(root: Path, base: str, count: int = 1) -> Path:
+    """``count`` feeds on one Communicate XI destination (so they share its polling limits)."""
     (root / "incoming").mkdir(parents=True, exist_ok=True)
     config = {
         "sources": {"drop": {"type": "folder", "path": str(root / "incoming")}},
@@ -128,12 +136,13 @@ def write_feeds(root: Path, base: str) -> Path:
         },
         "feeds": [
             {
-                "name": FEED,
+                "name": name,
                 "source": "drop",
                 "destination": "cxi",
                 "mapping": {"unique_id": "ID", "email": "Email"},
-                "options": {"import_name": "Bench staff"},
+                "options": {"import_name": f"Bench staff {name}"},
             }
+            for name in feed_names(count)
         ],
     }
     path = root / "feeds.yaml"
@@ -150,7 +159,7 @@ def record_imports(
     for partition, job in zip(partitions, jobs, strict=True):
         handle = JobHandle(
             vendor="communicate_xi",
-            feed=FEED,
+            feed=keys.feed.name,
             partition=partition,
             jobs=[ChunkJob(job_id=job, first_row=0, row_count=1)],
             submitted_rows=1,
@@ -174,9 +183,10 @@ def polled_jobs(base: str) -> list[str]:
     return [m.group(1) for e in entries if (m := _JOB_IN_PATH.search(e["path"]))]
 
 
-def state_bytes(instance: dg.DagsterInstance) -> int:
-    key = f"audience_pipeline/import_status/{FEED}"
-    return len(instance.daemon_cursor_storage.get_cursor_values({key}).get(key) or "")
+def state_bytes(instance: dg.DagsterInstance, feeds: list[str]) -> int:
+    """What the sensors keep in the instance's key-value table (nothing, for the sensor of before)."""
+    wanted = {f"audience_pipeline/import_status/{feed}" for feed in feeds}
+    return sum(len(v) for v in instance.daemon_cursor_storage.get_cursor_values(wanted).values())
 
 
 def peak_rss_mb() -> float:
@@ -189,7 +199,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(count: int, latency_ms: int, minutes: float) -> Run:
+def measure(count: int, latency_ms: int, minutes: float, feeds_count: int = 1) -> Run:
+    """One run; with ``feeds_count > 1`` the imports are spread over that many feeds on one
+    destination, whose sensors tick one after the other (as the daemon does without threads),
+    and a tick's figures are the whole round's."""
     settings = SandboxSettings(pace_seconds=1.0, cxi_api_key=API_KEY)
     with sandbox_process(settings) as sandbox, tempfile.TemporaryDirectory() as tmp:
         base = sandbox.url
@@ -206,8 +219,8 @@ def measure(count: int, latency_ms: int, minutes: float) -> Run:
             }
             httpx.post(f"{base}/_sandbox/faults", json=fault, timeout=10).raise_for_status()
         os.environ["BENCH_CXI_KEY"] = API_KEY
-        feeds = load_feeds(write_feeds(Path(tmp), base))
-        keys = FeedKeys(feeds.feeds[0], feeds)
+        feeds = load_feeds(write_feeds(Path(tmp), base, feeds_count))
+        names = [feed.name for feed in feeds.feeds]
         defs = build_definitions(feeds, Path(tmp) / "home")
         clock = VirtualTime()
         real_time, status_module.time = status_module.time, clock  # type: ignore[assignment]
@@ -215,18 +228,19 @@ def measure(count: int, latency_ms: int, minutes: float) -> Run:
         instance = dg.DagsterInstance.local_temp(tempdir=str(Path(tmp) / "dagster"))
         try:
             started = time.monotonic()
-            record_imports(instance, keys, jobs, submitted_at=clock.now)
+            for i, feed in enumerate(feeds.feeds):
+                record_imports(instance, FeedKeys(feed, feeds), jobs[i::feeds_count], submitted_at=clock.now)
             _log(f"  {count} import_job materializations in {time.monotonic() - started:.1f} s")
             polled_jobs(base)  # forget the setup's requests
             driver = SensorDriver(defs, instance, log_level="WARNING")
-            name = status_sensor_name(FEED)
             start, durations, calls = clock.now, [], []
             last: dict[str, float] = {}
             first_all: float | None = None
             gaps: list[float] = []
             while len(durations) < MAX_TICKS:
                 begun = time.monotonic()
-                driver.tick(name)
+                for name in names:
+                    driver.tick(status_sensor_name(name))
                 took = time.monotonic() - begun
                 durations.append(took)
                 polled = polled_jobs(base)
@@ -243,7 +257,7 @@ def measure(count: int, latency_ms: int, minutes: float) -> Run:
             # An import never polled again by the end has a gap up to the end at least.
             end = clock.now
             gaps += [end - t for t in last.values()]
-            cursor = driver.cursors.get(name) or ""
+            cursor = max((driver.cursors.get(status_sensor_name(n)) or "" for n in names), key=len)
             return Run(
                 imports=count,
                 latency_ms=latency_ms,
@@ -256,7 +270,7 @@ def measure(count: int, latency_ms: int, minutes: float) -> Run:
                 polled_at_least_once=len(last),
                 max_gap_minutes=round(max(gaps) / 60, 2) if gaps and first_all is not None else None,
                 cursor_bytes=len(cursor.encode()),
-                state_bytes=state_bytes(instance),
+                state_bytes=state_bytes(instance, names),
                 peak_rss_mb=round(peak_rss_mb(), 1),
             )
         finally:
@@ -299,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="100,1000,5000", help="imports in flight, comma-separated")
     parser.add_argument("--latency-ms", default="0,50", help="status answer latencies, comma-separated")
     parser.add_argument("--minutes", type=float, default=6.0, help="simulated minutes of ticks per run")
+    parser.add_argument("--feeds", type=int, default=1, help="spread the imports over this many feeds")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--strict", action="store_true", help="exit 1 when the largest run misses a target")
     args = parser.parse_args(argv)
@@ -308,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     for count in sizes:
         for latency in latencies:
             _log(f"{count} in flight, {latency} ms per status call")
-            runs.append(measure(count, latency, args.minutes))
+            runs.append(measure(count, latency, args.minutes, args.feeds))
             _log(f"  {runs[-1]}")
     print(json.dumps([asdict(r) for r in runs], indent=2) if args.json else format_table(runs))
     judged = max(runs, key=lambda r: (r.imports, r.latency_ms))
