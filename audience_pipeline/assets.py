@@ -15,13 +15,20 @@ so the retry sensor leaves them alone.
 """
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import dagster as dg
 import pandas as pd
 
 from audience_pipeline.csv_reader import CsvFileError
-from audience_pipeline.destinations.base import JobHandle, JobOutcome, SubmitIntent, every_row
+from audience_pipeline.destinations.base import (
+    JobHandle,
+    JobOutcome,
+    JobState,
+    JobStatus,
+    SubmitIntent,
+    every_row,
+)
 from audience_pipeline.destinations.http import VendorHTTPError
 from audience_pipeline.feeds.model import Feed, FeedsFile
 from audience_pipeline.locks import held
@@ -30,13 +37,16 @@ from audience_pipeline.reports import (
     REPORT_COLUMNS,
     RowAccounting,
     build_report,
+    count_outcomes,
     markdown_preview,
+    validation_findings,
     write_report,
 )
 from audience_pipeline.sources.base import StagedFile, split_partition_key, stage_or_reuse
 from audience_pipeline.tags import (
     ATTEMPT_TAG,
     FINAL_DETAIL_TAG,
+    FINAL_JOB_STATE_TAG,
     FINAL_STATE_TAG,
     IMPORT_TAG,
     OUTCOME_METADATA,
@@ -113,10 +123,14 @@ def _validation_metadata(result: ValidationResult, staged: StagedFile) -> dict:
         "dagster/column_schema": _column_schema(result.valid),
         "source_rows": result.source_rows,
         "rejected_rows": len(result.rejects),
+        "warnings": len(result.warnings),  # rows imported with invalid optional values cleared
         "rejection_rate": round(result.rejection_rate, 6),
         "encoding": result.encoding,
         "delimiter": repr(result.delimiter),
         "source_file": staged.name,
+        "header_line": result.header_line,  # > 1: blank or title lines above the header were skipped
+        # mapped header -> the file's spelling, where only case or spacing matched
+        "header_matches": dg.MetadataValue.json(result.header_matches),
     }
 
 
@@ -163,7 +177,10 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
                 key=keys.rejected_rows,
                 io_manager_key=IO_MANAGER_KEY,
                 kinds={"pandas", "parquet"},
-                description="Rows refused by validation: line, identifier, column, value and reason.",
+                description=(
+                    "Rows refused by validation (outcome rejected) and values cleared from rows that "
+                    "were kept (outcome warning): line, identifier, column, value and reason."
+                ),
             ),
         },
         ins={"hr_file": dg.AssetIn(key=keys.hr_file)},
@@ -185,17 +202,19 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
         except (CsvFileError, MappingError) as exc:
             raise dg.Failure(description=str(exc), allow_retries=False, metadata=REFUSED) from None
         rate = result.rejection_rate
-        as_report = result.rejects.assign(stage="validation", outcome="rejected")[REPORT_COLUMNS]
+        findings = validation_findings(result.rejects, result.warnings)  # carried to failure_report
+        as_report = findings.assign(stage="validation")[REPORT_COLUMNS]
         storage = getattr(context.resources, STORAGE_KEY)
         rejects_csv = write_report(
             as_report, storage.report_dir(feed.name, context.partition_key) / "rejects.csv"
         )
         yield dg.Output(result.valid, "validated_rows", metadata=_validation_metadata(result, hr_file))
         yield dg.Output(
-            result.rejects,
+            findings,
             "rejected_rows",
             metadata={
-                "dagster/row_count": len(result.rejects),
+                "dagster/row_count": len(findings),
+                "warnings": len(result.warnings),
                 "rejects_csv": dg.MetadataValue.path(str(rejects_csv)),
                 "preview": dg.MetadataValue.md(markdown_preview(as_report)),
             },
@@ -269,9 +288,11 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
         storage = getattr(context.resources, STORAGE_KEY)
         path = write_report(report, storage.report_dir(feed.name, context.partition_key) / "failures.csv")
         validation = latest_metadata(context.instance, keys.validated_rows, context.partition_key) or {}
+        rejected, warnings = count_outcomes(rejected_rows)
         accounting = RowAccounting(
-            source_rows=int(validation.get("source_rows", len(validated_rows) + len(rejected_rows))),
-            rejected=len(rejected_rows),
+            source_rows=int(validation.get("source_rows", len(validated_rows) + rejected)),
+            rejected=rejected,
+            warnings=warnings,
             submitted=import_job.submitted_rows,
             imported=outcome.imported,
             failed=outcome.failed,
@@ -351,6 +372,23 @@ def _known_job_ids(instance: dg.DagsterInstance, keys: FeedKeys) -> frozenset[st
     return frozenset(ids)
 
 
+def _previous_handle(instance: dg.DagsterInstance, keys: FeedKeys) -> JobHandle | None:
+    """The newest import this feed recorded with a job, from any partition: the pipeline's own
+    state between pushes (Experience Platform finds its audience id there; others ignore it)."""
+    flt = dg.AssetRecordsFilter(asset_key=keys.import_job)
+    records = [
+        *instance.fetch_materializations(flt, limit=50).records,
+        *instance.fetch_observations(flt, limit=50).records,
+    ]
+    for record in sorted(records, key=lambda r: r.storage_id, reverse=True):
+        value = _record_value(record)
+        if value and value[0] in (SUBMITTED_KEY, "job_handle") and value[1].get("jobs"):
+            handle = JobHandle.model_validate(value[1])
+            if handle.vendor == keys.vendor:
+                return handle
+    return None
+
+
 def _submit_once(
     context: dg.AssetExecutionContext,
     keys: FeedKeys,
@@ -378,11 +416,12 @@ def _submit_once(
     try:
         notes: list[str] = []
         known = _known_job_ids(context.instance, keys)
+        previous = _previous_handle(context.instance, keys)
         if latest is not None and latest[0] == INTENT_KEY:
             lost = SubmitIntent(
                 **{**latest[1], "known_job_ids": frozenset(latest[1].get("known_job_ids", [])) | known}
             )
-            found = client.reconcile(lost, rows)
+            found = client.reconcile(lost, rows, previous=previous)
             context.log.warning(
                 f"{partition}: attempt {lost.attempt} sent the file without recording an answer; "
                 f"asked the vendor: {found.detail}"
@@ -408,7 +447,7 @@ def _submit_once(
         )
         _observe(context, keys, INTENT_KEY, {**intent.__dict__, "known_job_ids": sorted(known)})
         try:
-            handle = client.submit(rows, feed=feed.name, partition=partition)
+            handle = client.submit(rows, feed=feed.name, partition=partition, previous=previous)
         except VendorHTTPError as exc:
             if exc.status in NOT_APPLIED_STATUSES:  # a clear no: nothing to reconcile next time
                 _observe(context, keys, REFUSED_KEY, {"status": exc.status, "attempt": intent.attempt})
@@ -454,10 +493,21 @@ def _report_outcome(
         failures = [f for job in handle.jobs for f in every_row(job, reason)]
         return JobOutcome(submitted=handle.submitted_rows, failures=failures, notes=[*notes, detail]), final
     outcome, vendor_status = _final_outcome(
-        getattr(context.resources, keys.destination_resource), feed, handle
+        getattr(context.resources, keys.destination_resource), feed, handle, _status_from_tags(tags)
     )
     outcome.notes[:0] = notes
     return outcome, vendor_status
+
+
+def _status_from_tags(tags: Mapping[str, str]) -> JobStatus | None:
+    """The terminal status the sensor's last poll saw, when this run was requested by it."""
+    state, word = tags.get(FINAL_JOB_STATE_TAG), tags.get(FINAL_STATE_TAG)
+    if not state or not word:
+        return None
+    try:
+        return JobStatus(state=JobState(state), vendor_status=word, detail=tags.get(FINAL_DETAIL_TAG, ""))
+    except ValueError:  # a tag written by hand or by another release
+        return None
 
 
 def _normalised_outcome(vendor_status: str, accounting: RowAccounting) -> str:
@@ -469,12 +519,15 @@ def _normalised_outcome(vendor_status: str, accounting: RowAccounting) -> str:
     return "completed_with_failures" if accounting.imported > 0 else "failed"
 
 
-def _final_outcome(resource, feed: Feed, handle: JobHandle) -> tuple[JobOutcome, str]:
+def _final_outcome(
+    resource, feed: Feed, handle: JobHandle, known: JobStatus | None = None
+) -> tuple[JobOutcome, str]:
+    """The vendor's per-row result; a finished job is not polled again when ``known`` says how it ended."""
     if not handle.jobs:
         return JobOutcome(submitted=0), "nothing_submitted"
     client = resource.destination(feed.options)
     try:
-        status = client.status(handle)
+        status = known if known is not None and known.state.terminal else client.status(handle)
         if not status.state.terminal:
             raise dg.Failure(
                 description=(
@@ -482,6 +535,6 @@ def _final_outcome(resource, feed: Feed, handle: JobHandle) -> tuple[JobOutcome,
                     "requests this report when it ends"
                 )
             )
-        return client.outcome(handle), status.vendor_status
+        return client.outcome(handle, status=status), status.vendor_status
     finally:
         client.close()

@@ -151,10 +151,15 @@ def _validate(args: argparse.Namespace) -> int:
     except (CsvFileError, MappingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    rate, threshold = result.rejection_rate, feed.max_rejection_rate
     print(
         f"{args.file}: {result.source_rows} rows, {len(result.valid)} valid, {len(result.rejects)} rejected "
-        f"({result.rejection_rate:.2%}; feed threshold {feed.max_rejection_rate:.2%})"
+        f"({rate:.2%}; feed threshold {threshold:.2%})"
     )
+    if result.header_line > 1:
+        print(f"  header read from line {result.header_line}; the lines above it are skipped")
+    for mapped, found in result.header_matches.items():
+        print(f"  mapped header {mapped!r} matched {found!r} (case or spacing differs)")
     for row in result.rejects.head(50).itertuples(index=False):
         print(f"  line {row.source_line}: {row.reason}" + (f" [{row.value}]" if row.value else ""))
     if len(result.rejects) > 50:
@@ -162,7 +167,16 @@ def _validate(args: argparse.Namespace) -> int:
     if args.out:
         write_report(result.rejects.assign(stage="validation", outcome="rejected")[REPORT_COLUMNS], args.out)
         print(f"rejected rows written to {args.out}")
-    return 0 if result.rejection_rate <= feed.max_rejection_rate else 1
+    # The same rule as the validate asset's blocking rejection-rate check (rate <= threshold passes).
+    if rate > threshold:
+        print(
+            f"BLOCKED: {rate:.2%} of the rows would be rejected, over the feed's max_rejection_rate of "
+            f"{threshold:.2%}; the pipeline would stop this file before sending anything to "
+            f"{feed.destination}"
+        )
+        return 1
+    print(f"OK: {rate:.2%} rejected is within the feed's max_rejection_rate of {threshold:.2%}")
+    return 0
 
 
 def _sandbox(args: argparse.Namespace) -> int:

@@ -7,7 +7,9 @@ which we verify by counting the file's newlines (values are searched for embedde
 when the file has more lines than rows, so a plain file costs one numpy pass over its bytes).
 When the check fails (or pyarrow reported a row with the wrong number of fields) we re-read
 with Python's ``csv`` module, which knows every record's line, and turn malformed rows into
-rejects instead of failing the whole file. Clean files, the common case, never pay for it.
+rejects instead of failing the whole file. Clean files, the common case, never pay for it; nor do
+files whose only malformed rows are their last lines (a footer such as ``Total: 42``): those are
+found in the file's tail and placed by counting lines back from its end.
 
 Dialects, as Excel, Workday, SuccessFactors, ADP and BambooHR write them:
 
@@ -16,6 +18,10 @@ Dialects, as Excel, Workday, SuccessFactors, ADP and BambooHR write them:
 - The delimiter (``,`` ``;`` tab ``|``) is the one the header line uses most, unless the first
   line is Excel's ``sep=;`` hint. Line ends may be LF, CRLF or (in a file with no LF) a lone CR.
 - Blank lines before the header and at the end are skipped; line numbers still count them.
+- Given the feed's mapped headers, a title above the header (``Employee Report 2026-11-01``:
+  lines of at most two values, the header by line :data:`TITLE_LINES`) is skipped too, and the
+  mapped headers match the file's ignoring case and spacing (:mod:`audience_pipeline.header_match`).
+- A file with a NUL byte is read (``has_nul``): the caller rejects the rows that hold one.
 - A record whose fields are all empty (a blank spreadsheet row, exported as ``,,,,``) is a blank
   line, not a row: it is neither imported nor rejected.
 - Trailing empty header names (Excel pads every row to the widest one) are dropped. A row may
@@ -24,8 +30,10 @@ Dialects, as Excel, Workday, SuccessFactors, ADP and BambooHR write them:
 
 Refused with :class:`CsvFileError` (file name, reason, and line where there is one): a file over
 the size limit, an empty file, a binary file (named: "this is an Excel workbook (.xlsx)"), bytes
-that are in no encoding we accept, empty or duplicate header names, a quote that is never
-closed, and a header without rows unless the feed allows an empty audience.
+that are in no encoding we accept, empty or duplicate header names, a mapped header that matches
+two file headers, mapped headers below a line that is not a title or past line
+:data:`TITLE_LINES`, a quote that is never closed, and a header without rows unless the feed
+allows an empty audience.
 """
 
 from __future__ import annotations
@@ -33,9 +41,10 @@ from __future__ import annotations
 import codecs
 import csv
 import io
-import itertools
 import mmap
+import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,10 +63,14 @@ from audience_pipeline.encodings import (
     utf8_copy,
     utf8_failure,
 )
+from audience_pipeline.header_match import AmbiguousHeader, fold, mapped_count, match_headers
+from audience_pipeline.invisible import strip_invisible_text
 
 DELIMITERS = (",", ";", "\t", "|")
 DEFAULT_MAX_FILE_BYTES = 2 * 1024**3
+TITLE_LINES = 10  # a header on this line or above may sit below a title
 _HEAD = 64 * 1024
+_TAIL_ROWS = 20  # at most this many short or long rows at the end keep the fast path
 _PAD = "\x00unnamed"
 _SEP_HINT = re.compile(r"\"?sep=(.)\"?")
 _UNCLOSED = (
@@ -81,6 +94,7 @@ class MalformedRow:
     actual_fields: int
     text: str
     reason: str = ""
+    fields: tuple[str, ...] = ()  # the first ``expected_fields`` values, to find the row's id
 
     def __post_init__(self) -> None:
         if not self.reason:
@@ -98,11 +112,24 @@ class ParsedCsv:
     delimiter: str
     malformed: list[MalformedRow] = field(default_factory=list)
     header_line: int = 1
+    header_matches: dict[str, str] = field(default_factory=dict)  # mapped -> as in the file
+    header_text: list[str] = field(default_factory=list)  # header names before trimming
+    has_nul: bool = False  # the file holds a NUL byte somewhere (rows with one get rejected)
+    set_aside: int = 0  # records taken out of ``table``/``malformed`` as rejects by the caller
 
     @property
     def source_rows(self) -> int:
-        """Data records in the file: parsed rows plus malformed ones."""
-        return self.table.num_rows + len(self.malformed)
+        """Data records in the file: parsed rows, malformed ones and those set aside."""
+        return self.table.num_rows + len(self.malformed) + self.set_aside
+
+    def malformed_ids(self, header: str) -> list[str]:
+        """The value under ``header`` of each malformed row that has that many fields, else ""."""
+        if header not in self.headers:
+            return [""] * len(self.malformed)
+        at = self.headers.index(header)
+        return [
+            strip_invisible_text(m.fields[at]).strip() if at < len(m.fields) else "" for m in self.malformed
+        ]
 
 
 @dataclass(frozen=True)
@@ -114,6 +141,8 @@ class _Layout:
     padding: int
     header_line: int
     header_end: int
+    header_matches: dict[str, str]
+    header_text: list[str]
 
     @property
     def all_names(self) -> list[str]:
@@ -126,11 +155,15 @@ def read_csv(
     delimiter: str | None = None,
     allow_empty: bool = False,
     max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
+    mapped_headers: Iterable[str] = (),
 ) -> ParsedCsv:
     """Parse ``path`` in whatever dialect it uses; raises :class:`CsvFileError` for files we refuse.
 
     ``allow_empty`` accepts a header without data rows (an intentionally empty audience).
+    ``mapped_headers`` are the headers the feed maps: they find the header line below a title,
+    and are matched ignoring case and spacing (:mod:`audience_pipeline.header_match`).
     """
+    mapped = tuple(dict.fromkeys(mapped_headers))
     path = Path(path)
     head, size = _read_head(path, max_file_bytes)
     what = looks_binary(path, head)
@@ -138,12 +171,12 @@ def read_csv(
         raise CsvFileError(f"{path}: this is {what}, not a CSV file; export it as CSV (UTF-8)")
     try:
         encoding = detect(head, whole_file=len(head) == size)
-        parsed = _parse_in_place(path, encoding, delimiter) if encoding.in_place else None
+        parsed = _parse_in_place(path, encoding, delimiter, mapped) if encoding.in_place else None
         if parsed is None:
             if encoding.in_place:
                 encoding = Encoding(LEGACY, "cp1252")
             with utf8_copy(path, encoding) as (copy, name):
-                parsed = _parse(path, copy, name, delimiter)
+                parsed = _parse(path, copy, name, delimiter, mapped)
     except UnreadableText as exc:
         raise CsvFileError(f"{path}: {exc}") from None
     except _NotUtf8:
@@ -156,10 +189,12 @@ def read_csv(
     return parsed
 
 
-def _parse_in_place(path: Path, encoding: Encoding, delimiter: str | None) -> ParsedCsv | None:
+def _parse_in_place(
+    path: Path, encoding: Encoding, delimiter: str | None, mapped: tuple[str, ...]
+) -> ParsedCsv | None:
     """Parse a UTF-8 file as it is; None when it turns out to be in the Windows code page."""
     try:
-        return _parse(path, path, encoding.name, delimiter)
+        return _parse(path, path, encoding.name, delimiter, mapped)
     except _NotUtf8:
         failure = utf8_failure(path)
         if failure is None:
@@ -193,13 +228,27 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def _parse(original: Path, data: Path, encoding: str, delimiter: str | None) -> ParsedCsv:
+def _parse(
+    original: Path, data: Path, encoding: str, delimiter: str | None, mapped: tuple[str, ...]
+) -> ParsedCsv:
     """Parse the UTF-8 file ``data``; messages name ``original``, whose lines ``data`` keeps."""
-    layout = _layout(original, data, delimiter)
-    return _fast_parse(original, data, layout, encoding) or _exact_parse(original, data, layout, encoding)
+    layout = _layout(original, data, delimiter, mapped)
+    parsed = _fast_parse(original, data, layout, encoding) or _exact_parse(original, data, layout, encoding)
+    parsed.header_matches, parsed.header_text = layout.header_matches, layout.header_text
+    parsed.has_nul = _has_nul(data)
+    return parsed
 
 
-def _layout(original: Path, data: Path, delimiter: str | None) -> _Layout:
+def _has_nul(path: Path) -> bool:
+    """Whether the file holds a NUL byte: one memchr over an mmap, milliseconds per 100 MB."""
+    with path.open("rb") as fh:
+        if not os.fstat(fh.fileno()).st_size:
+            return False
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return mm.find(b"\x00") != -1
+
+
+def _layout(original: Path, data: Path, delimiter: str | None, mapped: tuple[str, ...]) -> _Layout:
     with data.open("rb") as fh:
         head = fh.read(_HEAD)
         truncated = bool(fh.read(1))
@@ -207,30 +256,99 @@ def _layout(original: Path, data: Path, delimiter: str | None) -> _Layout:
         text = head.decode("utf-8-sig") if not truncated else _decode_prefix(head)
     except UnicodeDecodeError:
         raise _NotUtf8 from None
-    lines = io.StringIO(text, newline="")
-    number, hint = 0, None
-    for raw in lines:
-        number += 1
-        if truncated and not raw.endswith(("\n", "\r")):
-            raise CsvFileError(f"{original}: line {number} is longer than 64 kB; this is not a CSV export")
-        content = raw.rstrip("\r\n")
-        if number == 1 and (match := _SEP_HINT.fullmatch(content)):
-            hint = match[1]
-            continue
-        if content.strip(" \t" + "".join(DELIMITERS)):
-            break
-    else:
+    lines = list(io.StringIO(text, newline=""))  # lines[i] is line i + 1, with its line end
+    cut = len(lines) - 1 if truncated and lines and not lines[-1].endswith(("\n", "\r")) else len(lines)
+    hint = None
+    if lines and (match := _SEP_HINT.fullmatch(lines[0].rstrip("\r\n"))):
+        hint = match[1]
+    first = next((i for i in range(1 if hint else 0, len(lines)) if _filled(lines[i])), None)
+    if first is None:
         raise CsvFileError(f"{original}: the file is empty (no header line)")
-    delimiter = delimiter or hint or _sniff_delimiter(content)
-    reader = csv.reader(itertools.chain([raw], lines), delimiter=delimiter)
-    names = [h.strip() for h in next(reader)]
+    if first >= cut:
+        raise CsvFileError(f"{original}: line {first + 1} is longer than 64 kB; this is not a CSV export")
+    at = _below_title(original, lines[:cut], first, mapped, delimiter or hint) if mapped else first
+    number = at + 1
+    delimiter = delimiter or hint or _sniff_delimiter(lines[at].rstrip("\r\n"))
+    reader = csv.reader(iter(lines[at:]), delimiter=delimiter)
+    text = next(reader)
+    names = [h.strip() for h in text]
     header_end = number + reader.line_num - 1
     padding = 0
     while names and not names[-1]:
         names.pop()
         padding += 1
     _check_headers(original, names, number)
-    return _Layout(delimiter, names, padding, number, header_end)
+    try:
+        matches = match_headers(names, mapped)
+    except AmbiguousHeader as exc:
+        raise CsvFileError(f"{original}: line {number}: {exc}") from None
+    return _Layout(delimiter, names, padding, number, header_end, matches, text[: len(names)])
+
+
+def _filled(line: str) -> bool:
+    """Whether a line holds more than spaces, tabs and delimiters (Excel's ``,,,,`` is blank)."""
+    return bool(line.rstrip("\r\n").strip(" \t" + "".join(DELIMITERS)))
+
+
+def _below_title(
+    original: Path, lines: list[str], first: int, mapped: tuple[str, ...], delimiter: str | None
+) -> int:
+    """Index of the header line: ``first`` (the first filled line) unless it lacks a mapped header
+    and a later line has them all below at most a title (lines of few values), ending by
+    line :data:`TITLE_LINES`. The mapped headers on a line further down, or below lines that are
+    not a title, are refused naming that line: guessing there could read a table that is not
+    the export. When no line has them all, the line among the first :data:`TITLE_LINES` with
+    the most (more than ``first``) is the header, so that check_mapping names what it lacks."""
+    if _mapped_on(lines[first], mapped, delimiter) == len(mapped):
+        return first
+    found = next(
+        (i for i in range(first + 1, len(lines)) if _mapped_on(lines[i], mapped, delimiter) == len(mapped)),
+        None,
+    )
+    if found is None:
+        counts = [_mapped_on(lines[i], mapped, delimiter) for i in range(first, min(TITLE_LINES, len(lines)))]
+        best = first + max(range(len(counts)), key=lambda i: (counts[i], -i))
+        return best if _not_title(lines, first, best, delimiter) is None else first
+    not_title = _not_title(lines, first, found, delimiter)
+    if found < TITLE_LINES and not_title is None:
+        return found
+    where = f"{original}: line {found + 1}: the feed's headers are on line {found + 1}"
+    if not_title is not None:
+        values = len(_values(lines[not_title], delimiter))
+        raise CsvFileError(
+            f"{where}, below line {not_title + 1}, which is not a title ({values} values); "
+            "delete the lines above the header"
+        )
+    raise CsvFileError(
+        f"{where}, not within the first {TITLE_LINES} lines (a title above the header may take at most "
+        f"{TITLE_LINES - 1}); delete lines {first + 1}-{found} above the header"
+    )
+
+
+def _not_title(lines: list[str], first: int, header: int, delimiter: str | None) -> int | None:
+    """The first line above ``header`` that is not a title. A title has at most two values, and
+    fewer than the header has names: skipped lines are not records, so a row of a narrow file
+    must never pass for a title."""
+    limit = min(2, len(_values(lines[header], delimiter)) - 1)
+    return next((i for i in range(first, header) if len(_values(lines[i], delimiter)) > limit), None)
+
+
+def _mapped_on(line: str, mapped: tuple[str, ...], delimiter: str | None) -> int:
+    """How many mapped headers the line has (exactly or folded)."""
+    folded = fold(line)
+    if not any(fold(h) in folded for h in mapped):  # cheap test before parsing the line
+        return 0
+    return mapped_count(_fields(line, delimiter), mapped)
+
+
+def _fields(line: str, delimiter: str | None) -> list[str]:
+    content = line.rstrip("\r\n")
+    return next(csv.reader([content], delimiter=delimiter or _sniff_delimiter(content)), [])
+
+
+def _values(line: str, delimiter: str | None) -> list[str]:
+    """The non-empty fields of a line."""
+    return [v for v in _fields(line, delimiter) if v.strip()]
 
 
 def _decode_prefix(head: bytes) -> str:
@@ -257,10 +375,10 @@ def _check_headers(path: Path, headers: list[str], line: int) -> None:
 
 
 def _fast_parse(original: Path, data: Path, layout: _Layout, encoding: str) -> ParsedCsv | None:
-    invalid: list[int] = []
+    invalid: list[str] = []
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
-        invalid.append(row.number or -1)
+        invalid.append(row.text)
         return "skip"
 
     names = layout.all_names
@@ -281,23 +399,25 @@ def _fast_parse(original: Path, data: Path, layout: _Layout, encoding: str) -> P
         if "utf8" in str(exc).lower():
             raise _NotUtf8 from None
         return None
-    if invalid:
-        return None
     if layout.padding:
         if any(pc.max(pc.utf8_length(table.column(n))).as_py() for n in names[len(layout.headers) :]):
             return None  # a value under an unnamed column: the exact path makes that row a reject
         table = table.select(layout.headers)
-    lines = _source_lines(original, data, table, layout)
-    if lines is None:
+    placed = _source_lines(original, data, table, layout, invalid)
+    if placed is None:
         return None
+    lines, malformed = placed
     table, lines = _drop_blank_records(table, lines)
     return ParsedCsv(
-        original, layout.headers, table, lines, encoding, layout.delimiter, [], layout.header_line
+        original, layout.headers, table, lines, encoding, layout.delimiter, malformed, layout.header_line
     )
 
 
-def _source_lines(original: Path, data: Path, table: pa.Table, layout: _Layout) -> np.ndarray | None:
-    """Each row's first line, or None when the file's line count does not add up.
+def _source_lines(
+    original: Path, data: Path, table: pa.Table, layout: _Layout, invalid: list[str]
+) -> tuple[np.ndarray, list[MalformedRow]] | None:
+    """Each row's first line and, as malformed rows, the rows pyarrow skipped (``invalid``, their
+    text) when those are the file's last lines; None when the line count does not add up.
 
     A last row spanning lines may be a quote that is never closed: pyarrow then reads the rest of
     the file into one value without complaint, so that case is checked with a strict re-read.
@@ -305,6 +425,12 @@ def _source_lines(original: Path, data: Path, table: pa.Table, layout: _Layout) 
     header_end, delimiter = layout.header_end, layout.delimiter
     terminator, newlines, ends_with_newline, trailing_blank = _line_stats(data)
     lines_in_file = newlines + (0 if ends_with_newline else 1) - trailing_blank
+    malformed: list[MalformedRow] = []
+    if invalid:
+        trailing = _trailing_rows(data, terminator, lines_in_file, invalid, layout)
+        if trailing is None:
+            return None
+        lines_in_file, malformed = trailing
     lines = np.arange(header_end + 1, header_end + 1 + table.num_rows, dtype=np.int64)
     if lines_in_file != header_end + table.num_rows:
         # Only now can values hold newlines (a file without them has exactly one line per row).
@@ -314,7 +440,41 @@ def _source_lines(original: Path, data: Path, table: pa.Table, layout: _Layout) 
         lines[1:] += np.cumsum(embedded[:-1])
         if embedded[-1] and _quote_never_closes(data, int(lines[-1]), delimiter):
             raise CsvFileError(_UNCLOSED.format(path=original, line=int(lines[-1])))
-    return lines
+    return lines, malformed
+
+
+def _trailing_rows(
+    data: Path, terminator: str, last_line: int, invalid: list[str], layout: _Layout
+) -> tuple[int, list[MalformedRow]] | None:
+    """Rows with the wrong field count that are the file's last lines (a footer such as ``Total:
+    42``, usually) keep the fast path: returns the line the rows before them end on, and them as
+    malformed rows. None when they are anywhere else, or not rejects (the exact path decides)."""
+    if len(invalid) > _TAIL_ROWS or any("\n" in t or "\r" in t for t in invalid):
+        return None
+    with data.open("rb") as fh:
+        start = max(0, fh.seek(0, os.SEEK_END) - _HEAD)
+        fh.seek(start)
+        tail = fh.read().decode("utf-8", errors="replace").rstrip("\r\n").split(terminator)
+    complete = len(tail) if start == 0 else len(tail) - 1  # the first piece may be cut
+    width = len(layout.headers)
+    at, malformed = 0, []
+    for text in reversed(invalid):
+        while at < complete and not tail[-1 - at].rstrip("\r"):
+            at += 1  # pyarrow skips empty lines
+        if at >= complete or tail[-1 - at].rstrip("\r") != text:
+            return None
+        record = next(csv.reader([text], delimiter=layout.delimiter), [])
+        if "".join(record).strip():  # all fields empty: a blank line, as on the exact path
+            problem = _shape_problem(record, width, width + layout.padding)
+            if problem is None:
+                return None
+            joined = layout.delimiter.join(record)[:200]
+            fields = tuple(record[:width])
+            malformed.append(MalformedRow(last_line - at, width, len(record), joined, problem, fields))
+        at += 1
+    while at < complete and not tail[-1 - at].rstrip("\r"):
+        at += 1
+    return last_line - at, malformed[::-1]
 
 
 def _line_stats(path: Path) -> tuple[str, int, bool, int]:
@@ -385,7 +545,8 @@ def _exact_parse(original: Path, data: Path, layout: _Layout, encoding: str) -> 
                     problem = _shape_problem(record, width, width + layout.padding)
                     if problem:
                         text = layout.delimiter.join(record)[:200]
-                        malformed.append(MalformedRow(start, width, len(record), text, problem))
+                        fields = tuple(record[:width])
+                        malformed.append(MalformedRow(start, width, len(record), text, problem, fields))
                         continue
                     record = record[:width]
                 for col, value in zip(columns, record, strict=True):

@@ -8,7 +8,9 @@ file; newline characters survive transcoding one for one, so line numbers do not
 Choices, because the bytes alone cannot always say:
 
 - A BOM decides (UTF-8, UTF-16 LE/BE, UTF-32 LE/BE). Without one, NUL bytes at every other
-  position in mostly-ASCII text mean UTF-16 without a BOM; other NUL bytes mean a binary file.
+  position in mostly-ASCII text mean UTF-16 without a BOM. A few stray NUL bytes in otherwise
+  clean text are read (the parser rejects the rows that hold them); many NULs, or NULs beside
+  other control bytes, mean a binary file, refused naming the line of the first NUL.
 - Bytes that are not valid UTF-8 mean the Windows code page, but only when everything before
   the first invalid byte is ASCII. Valid multi-byte UTF-8 followed by an invalid byte is a file
   of mixed encodings (or a damaged one): it is refused with the line, not guessed at.
@@ -38,6 +40,9 @@ LATIN1 = "iso-8859-1"
 _CHUNK = 1 << 20
 _C1_ERRORS = "audience_pipeline.c1"
 _NOT_C1 = bytes(b for b in range(256) if not 0x80 <= b <= 0x9F)
+_STRAY_NULS = 16  # at least this many NULs (or 1% of the head) may be stray
+# every byte but the C0 controls that text never holds (tab, line ends and NUL are handled apart)
+_NOT_BINARY_CONTROL = bytes(b for b in range(256) if b >= 0x20 or b in b"\t\n\r\x00")
 
 _BOMS = (  # UTF-32 first: its little-endian BOM starts with UTF-16's
     (codecs.BOM_UTF32_LE, "utf-32-le", "utf-32"),
@@ -140,7 +145,11 @@ def detect(head: bytes, *, whole_file: bool) -> Encoding:
         if head.startswith(bom):
             return Encoding(name, codec)
     if b"\x00" in head:
-        return _bomless_utf16(head)
+        utf16 = _bomless_utf16(head)
+        if utf16 is not None:
+            return utf16
+        _refuse_unless_stray_nuls(head)
+        head = head.replace(b"\x00", b"")
     try:
         codecs.getincrementaldecoder(UTF8)().decode(head, final=whole_file)
     except UnicodeDecodeError as exc:
@@ -151,7 +160,7 @@ def detect(head: bytes, *, whole_file: bool) -> Encoding:
     return Encoding(UTF8, UTF8)
 
 
-def _bomless_utf16(head: bytes) -> Encoding:
+def _bomless_utf16(head: bytes) -> Encoding | None:
     """UTF-16 without a BOM: ASCII-range text has a NUL in every high byte, and nothing else does."""
     sample = head[: len(head) & ~1]
     even, odd = sample[0::2], sample[1::2]
@@ -164,7 +173,21 @@ def _bomless_utf16(head: bytes) -> Encoding:
     # the head may end inside a surrogate pair: ignore its last character
     if name and _plain_text(sample.decode(name, errors="replace")[:-1]):
         return Encoding(name, name)
-    raise UnreadableText("this is a binary file (it contains NUL bytes), not a CSV file")
+    return None
+
+
+def _refuse_unless_stray_nuls(head: bytes) -> None:
+    """A few NUL bytes in text that is otherwise clean are stray (a broken export step wrote
+    them into a value): the file is read and the rows holding them are rejected. Many NULs, or
+    other control bytes beside them, make a binary file, refused naming where the first NUL is."""
+    if head.count(0) <= max(_STRAY_NULS, len(head) // 100) and not head.translate(None, _NOT_BINARY_CONTROL):
+        return
+    first = head.index(0)
+    line, column = head.count(b"\n", 0, first) + 1, first - (head.rfind(b"\n", 0, first) + 1) + 1
+    raise UnreadableText(
+        f"this is a binary file (it contains NUL bytes, the first on line {line}, byte {column} of "
+        "the line), not a CSV file"
+    )
 
 
 def _plain_text(text: str) -> bool:

@@ -1,4 +1,8 @@
-"""Assemble the failure report: validation rejects and vendor failures, one row per source row.
+"""Assemble the failure report: validation rejects and warnings, and vendor failures.
+
+A rejected or failed row appears once per stage; a ``warning`` (an invalid optional value cleared
+from a row that was imported all the same) is not a row outcome, so its source row can appear
+again, for instance as failed at the target.
 
 The CSV is opened by people in Excel, so a cell that starts like a formula (``= + - @``, tab,
 carriage return) is prefixed with an apostrophe (OWASP's CSV-injection advice); HR data is
@@ -16,12 +20,17 @@ import pandas as pd
 from audience_pipeline.destinations.base import JobOutcome
 
 REPORT_COLUMNS = ["source_line", "unique_id", "stage", "outcome", "column", "value", "reason"]
+REJECTED, WARNING = "rejected", "warning"
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 @dataclass
 class RowAccounting:
-    """Where every source row went; ``balanced`` is the check that none was lost or counted twice."""
+    """Where every source row went; ``balanced`` is the check that none was lost or counted twice.
+
+    ``warnings`` counts imported rows that had values cleared: they are in ``submitted`` already,
+    so they are reported but take no part in the balance.
+    """
 
     source_rows: int
     rejected: int
@@ -29,6 +38,7 @@ class RowAccounting:
     imported: int
     failed: int
     ignored: int
+    warnings: int = 0
 
     @property
     def balanced(self) -> bool:
@@ -44,21 +54,42 @@ class RowAccounting:
             "rejected_by_validation": self.rejected,
             "failed_at_target": self.failed,
             "ignored_by_target": self.ignored,
+            "validation_warnings": self.warnings,
         }
 
 
-def build_report(rejects: pd.DataFrame, outcome: JobOutcome, submitted: pd.DataFrame) -> pd.DataFrame:
-    """One row per rejected or failed source row, in file order, so a person can fix the export.
+def validation_findings(rejects: pd.DataFrame, warnings: pd.DataFrame) -> pd.DataFrame:
+    """Rejects and warnings in one frame (their columns plus ``outcome``), in file order: what the
+    validate asset hands to the report."""
+    frames = [f.assign(outcome=o) for f, o in ((rejects, REJECTED), (warnings, WARNING)) if len(f)]
+    if not frames:
+        return rejects.assign(outcome=pd.Series(dtype="str"))
+    findings = pd.concat(frames, ignore_index=True)
+    return findings.sort_values("source_line", kind="stable", ignore_index=True)
 
-    ``submitted`` needs ``source_line`` and ``unique_id`` in the order the rows were sent, because
-    a vendor failure only knows its row position.
+
+def count_outcomes(findings: pd.DataFrame) -> tuple[int, int]:
+    """(rejected, warnings) among validation findings; a frame without ``outcome`` is all rejects."""
+    if "outcome" not in findings.columns:
+        return len(findings), 0
+    warnings = int((findings["outcome"] == WARNING).sum())
+    return len(findings) - warnings, warnings
+
+
+def build_report(rejects: pd.DataFrame, outcome: JobOutcome, submitted: pd.DataFrame) -> pd.DataFrame:
+    """One row per rejected or failed source row, and per warning, in file order, so a person can
+    fix the export.
+
+    ``rejects`` are validation's findings: rejects, or :func:`validation_findings` with an
+    ``outcome`` column. ``submitted`` needs ``source_line`` and ``unique_id`` in the order the rows
+    were sent, because a vendor failure only knows its row position.
     """
     validation = pd.DataFrame(
         {
             "source_line": rejects["source_line"].astype("int64"),
             "unique_id": rejects["unique_id"].astype("str"),
             "stage": "validation",
-            "outcome": "rejected",
+            "outcome": rejects["outcome"].astype("str") if "outcome" in rejects.columns else REJECTED,
             "column": rejects["column"].astype("str"),
             "value": rejects["value"].astype("str"),
             "reason": rejects["reason"].astype("str"),

@@ -2,14 +2,17 @@
 
 ``pandera`` runs with ``lazy=True`` so that every problem in the file is found in one pass, and its
 ``failure_cases`` become one reject per source row: the line, the identifier, the column as the
-file names it, the value and a reason. Rows with the wrong number of fields (from the parser)
-are rejects too, so every data record in the file ends up in exactly one of ``valid`` or
-``rejects``.
+file names it, the value as the file wrote it (:mod:`raw_values`) and a reason. Rows with the
+wrong number of fields (from the parser) are rejects too, as are the rows :mod:`row_hygiene` sets
+aside (NUL bytes, repeated headers, footers, Excel-rounded ids), so every data record in the file
+ends up in exactly one of ``valid`` or ``rejects``. An invalid value in an optional column is, by
+the feed's ``invalid_optional_fields``, either cleared from a row that is kept (listed in
+``warnings``, same columns as ``rejects``) or a reason to reject the row (:mod:`optional_fields`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +22,12 @@ import pyarrow as pa_arrow
 import pyarrow.compute as pc
 
 from audience_pipeline.csv_reader import DEFAULT_MAX_FILE_BYTES, ParsedCsv, read_csv
-from audience_pipeline.feeds.model import Feed, FieldMapping
-from audience_pipeline.normalize import normalize
+from audience_pipeline.feeds.model import Feed, FieldMapping, InvalidOptionalFields
+from audience_pipeline.header_match import in_file_terms
+from audience_pipeline.normalize import check_mapping, normalize
+from audience_pipeline.optional_fields import CLEARED_NOTE, clear_cells, triage
+from audience_pipeline.raw_values import RawValues
+from audience_pipeline.row_hygiene import screen_rows
 from audience_pipeline.schemas.employee import REASONS, employee_schema
 
 REJECT_COLUMNS = ["source_line", "unique_id", "column", "value", "reason"]
@@ -34,6 +41,10 @@ class ValidationResult:
     encoding: str
     delimiter: str
     headers: list[str]
+    header_matches: dict[str, str] = field(default_factory=dict)  # mapped -> as in the file, if inexact
+    header_line: int = 1  # more than 1 when blank or title lines precede the header
+    # Values cleared from rows that were kept (REJECT_COLUMNS): not rejects, the rows are in ``valid``.
+    warnings: pd.DataFrame = field(default_factory=lambda: _empty_rejects())
 
     @property
     def rejection_rate(self) -> float:
@@ -49,6 +60,7 @@ def validate_for_feed(path: Path | str, feed: Feed) -> ValidationResult:
         default_region=feed.default_phone_region,
         allow_empty=feed.allow_empty,
         max_file_bytes=feed.max_file_bytes,
+        invalid_optional_fields=feed.invalid_optional_fields,
     )
 
 
@@ -59,16 +71,28 @@ def validate_file(
     default_region: str = "US",
     allow_empty: bool = False,
     max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
+    invalid_optional_fields: InvalidOptionalFields = "clear",
 ) -> ValidationResult:
     """Parse, normalise and validate ``path``; every data record ends up in ``valid`` or ``rejects``.
 
-    ``allow_empty`` and ``max_file_bytes`` are the feed's limits, applied by ``read_csv``.
+    ``allow_empty``, ``max_file_bytes`` and ``invalid_optional_fields`` are the feed's settings.
     """
-    parsed = read_csv(path, allow_empty=allow_empty, max_file_bytes=max_file_bytes)
-    frame = normalize(parsed, mapping, default_region=default_region, release=True)
-    valid, rejects = _validate(frame, mapping, consume=True)
+    parsed = read_csv(
+        path,
+        allow_empty=allow_empty,
+        max_file_bytes=max_file_bytes,
+        mapped_headers=mapping.canonical_headers().values(),
+    )
+    mapping = in_file_terms(mapping, parsed.header_matches)
+    check_mapping(parsed, mapping)
+    set_aside = screen_rows(parsed, mapping)  # NUL bytes, repeated headers, footers, Excel ids
+    raw_values = RawValues()
+    frame = normalize(parsed, mapping, default_region=default_region, release=True, raw_values=raw_values)
+    valid, rejects, warnings = _validate(
+        frame, mapping, consume=True, raw_values=raw_values, invalid_optional_fields=invalid_optional_fields
+    )
     del frame
-    rejects = pd.concat([_malformed_rejects(parsed), rejects], ignore_index=True)
+    rejects = pd.concat([_malformed_rejects(parsed, mapping), set_aside, rejects], ignore_index=True)
     rejects = rejects.sort_values("source_line", kind="stable", ignore_index=True)
     return ValidationResult(
         valid=valid,
@@ -77,29 +101,49 @@ def validate_file(
         encoding=parsed.encoding,
         delimiter=parsed.delimiter,
         headers=parsed.headers,
+        header_matches=parsed.header_matches,
+        header_line=parsed.header_line,
+        warnings=warnings,
     )
 
 
-def validate_frame(frame: pd.DataFrame, mapping: FieldMapping) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split a normalised frame into valid rows (fresh ``RangeIndex``) and one reject per bad row."""
-    return _validate(frame, mapping, consume=False)
+def validate_frame(
+    frame: pd.DataFrame, mapping: FieldMapping, *, invalid_optional_fields: InvalidOptionalFields = "clear"
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Split a normalised frame into valid rows (fresh ``RangeIndex``), one reject per bad row and
+    one warning per kept row that had invalid optional values cleared."""
+    return _validate(frame, mapping, consume=False, invalid_optional_fields=invalid_optional_fields)
 
 
 def _validate(
-    frame: pd.DataFrame, mapping: FieldMapping, *, consume: bool
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+    frame: pd.DataFrame,
+    mapping: FieldMapping,
+    *,
+    consume: bool,
+    raw_values: RawValues | None = None,
+    invalid_optional_fields: InvalidOptionalFields = "clear",
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """``consume=True`` empties ``frame`` column by column while copying out the valid rows, so that
     a large file is never held twice."""
     schema = employee_schema(mapping)
     try:
         schema.validate(frame, lazy=True, inplace=True)
     except pa.errors.SchemaErrors as exc:
-        rejects = _rejects_from_failures(frame, exc.failure_cases, mapping)
+        cases = exc.failure_cases
         del exc  # its traceback references the frame and pandera's intermediate results
+        sorted_out = triage(frame, cases, schema, invalid_optional_fields)
+        rejects = _rejects_from_failures(frame, cases[sorted_out.rejected], mapping, raw_values)
+        warnings = _rejects_from_failures(
+            frame, cases[sorted_out.cleared], mapping, raw_values, note=CLEARED_NOTE
+        )
         bad = np.zeros(len(frame), dtype=bool)
         bad[rejects.pop("row_pos").to_numpy()] = True
-        return _keep_rows(frame, ~bad, consume=consume), rejects
-    return frame, _empty_rejects()
+        warnings.pop("row_pos")
+        valid = _keep_rows(frame, ~bad, consume=consume)
+        kept_at = np.cumsum(~bad) - 1  # a kept row's position in ``valid``
+        clear_cells(valid, {name: kept_at[rows] for name, rows in sorted_out.cells.items()})
+        return valid, rejects, warnings
+    return frame, _empty_rejects(), _empty_rejects()
 
 
 def _keep_rows(frame: pd.DataFrame, keep: np.ndarray, *, consume: bool) -> pd.DataFrame:
@@ -127,8 +171,15 @@ def _empty_rejects() -> pd.DataFrame:
     )
 
 
-def _rejects_from_failures(frame: pd.DataFrame, cases: pd.DataFrame, mapping: FieldMapping) -> pd.DataFrame:
-    """One row per failing frame row (``row_pos``), its problems joined with "; " in schema order."""
+def _rejects_from_failures(
+    frame: pd.DataFrame,
+    cases: pd.DataFrame,
+    mapping: FieldMapping,
+    raw_values: RawValues | None = None,
+    note: str = "",
+) -> pd.DataFrame:
+    """One row per failing frame row (``row_pos``), its problems joined with "; " in schema order;
+    a value shows the file's own text where ``raw_values`` has it; ``note`` ends every reason."""
     schema_errors = cases[cases["index"].isna()]
     if len(schema_errors):
         problems = "; ".join(f"{r.column}: {r.check}" for r in schema_errors.itertuples())
@@ -146,6 +197,7 @@ def _rejects_from_failures(frame: pd.DataFrame, cases: pd.DataFrame, mapping: Fi
     channel_rank = min(rank.get("email", len(rank)), rank.get("mobile_phone", len(rank)))
     ranks = np.array([channel_rank if c is None else rank.get(c, len(rank)) for c in columns], dtype=np.int64)
     raws = cases["failure_case"].tolist()
+    as_written = raw_values.lookup(columns, positions) if raw_values else {}
     rows: dict[int, tuple[list[str], list[str], list[str]]] = {}
     seen: set[tuple[int, str | None, str]] = set()
     for i in np.lexsort((ranks, positions)).tolist():
@@ -169,10 +221,11 @@ def _rejects_from_failures(frame: pd.DataFrame, cases: pd.DataFrame, mapping: Fi
         else:
             label = headers[column]
             value = "" if raw is None or (isinstance(raw, float) and np.isnan(raw)) else str(raw)
+            value = as_written.get(i, value)
         labels, values, reasons = rows.setdefault(pos, ([], [], []))
         labels.append(label)
         values.append(value)
-        reasons.append(f"{label} {reason}")
+        reasons.append(f"{label} {reason}{note}")
     row_pos = np.fromiter(rows, dtype=np.int64, count=len(rows))
     ids = _arrow(frame["unique_id"]).take(pa_arrow.array(row_pos)).to_pylist()
     return pd.DataFrame(
@@ -206,11 +259,11 @@ def _first_lines(frame: pd.DataFrame, duplicates: np.ndarray) -> dict[int, int]:
     return {int(p): int(lines[first[v]]) for p, v in zip(duplicates.tolist(), values, strict=True)}
 
 
-def _malformed_rejects(parsed: ParsedCsv) -> pd.DataFrame:
+def _malformed_rejects(parsed: ParsedCsv, mapping: FieldMapping) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "source_line": pd.Series([m.line for m in parsed.malformed], dtype="int64"),
-            "unique_id": pd.Series([""] * len(parsed.malformed), dtype="str"),
+            "unique_id": pd.Series(parsed.malformed_ids(mapping.unique_id), dtype="str"),
             "column": pd.Series([""] * len(parsed.malformed), dtype="str"),
             "value": pd.Series([m.text for m in parsed.malformed], dtype="str"),
             "reason": pd.Series([m.reason for m in parsed.malformed], dtype="str"),

@@ -70,3 +70,19 @@ def sandbox_pool() -> Iterator[SandboxPool]:
         yield pool
     finally:
         pool.stop_all()
+
+
+@pytest.fixture
+def per_row_phones(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The values that reach ``phonenumbers`` one by one (the slow path), in order."""
+    from audience_pipeline import phones
+
+    seen: list[str] = []
+    real = phones.parse_phone
+
+    def spy(value: str, region: str | None) -> str | None:
+        seen.append(value)
+        return real(value, region)
+
+    monkeypatch.setattr(phones, "parse_phone", spy)
+    return seen

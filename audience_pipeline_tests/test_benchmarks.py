@@ -10,6 +10,7 @@ import csv
 import datetime as dt
 import io
 import json
+import random
 import re
 import subprocess
 import sys
@@ -20,7 +21,15 @@ import pyarrow.csv as pa_csv
 import pytest
 
 from benchmarks.bench_validate import ensure_file
-from benchmarks.generate_employees import BAD_KINDS, HEADER, GeneratedFile, generate
+from benchmarks.generate_employees import (
+    _MIX_COUNTRIES,
+    _US_AREA_CODES,
+    BAD_KINDS,
+    HEADER,
+    UNASSIGNED_AREA_CODES,
+    GeneratedFile,
+    generate,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ROWS = 2000
@@ -38,8 +47,10 @@ def _records(path: Path) -> list[list[str]]:
 
 
 def _phone_ok(value: str) -> bool:
+    """Valid for phonenumbers with region US, a leading 00 read as + (as the pipeline reads it)."""
     try:
-        return phonenumbers.is_valid_number(phonenumbers.parse(value, "US"))
+        text = "+" + value[2:] if value.startswith("00") else value
+        return phonenumbers.is_valid_number(phonenumbers.parse(text, "US"))
     except phonenumbers.NumberParseException:
         return False
 
@@ -112,21 +123,58 @@ def test_ensure_file_reuses_the_cache(tmp_path: Path) -> None:
     assert second == first
 
 
-def test_bench_cli_emits_json(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def national_mix(tmp_path_factory: pytest.TempPathFactory) -> GeneratedFile:
+    return generate(tmp_path_factory.mktemp("mix") / "employees.csv", ROWS, phones="national-mix")
+
+
+def test_national_mix_phones_are_all_non_e164_from_seven_countries(
+    national_mix: GeneratedFile, generated: GeneratedFile
+) -> None:
+    rows = _records(national_mix.path)[1:]
+    phones = [r[2] for r in rows]
+    assert not any(re.fullmatch(r"\+[0-9]+", p) for p in phones)
+    written_with = {p[:3] for p in phones if p.startswith(("+", "00"))}
+    assert {"+44", "+49", "+33", "+61", "+91", "+55", "004", "003", "006"} <= written_with
+    assert any(p.startswith("(") for p in phones) and any("." in p and p[0].isdigit() for p in phones)
+    invalid = [p for p in phones if p and not _phone_ok(p)]
+    assert len(invalid) == national_mix.unassigned_phones + national_mix.bad_rows["bad_phone"]
+    assert 0.01 * ROWS < national_mix.unassigned_phones < 0.03 * ROWS
+    # everything else in the file is the default style's
+    assert [r[:2] + r[3:] for r in rows] == [r[:2] + r[3:] for r in _records(generated.path)[1:]]
+    no_phone_bad_emails = sum(1 for r in rows if r[2] == "" and not EMAIL.match(r[1].strip()))
+    assert national_mix.rejected_by_kind["invalid_email"] == no_phone_bad_emails
+
+
+def test_national_mix_ranges_are_valid_and_unassigned_codes_are_not() -> None:
+    rng = random.Random(1)
+    for cc, width, low, high, _ in _MIX_COUNTRIES[1:]:
+        assert all(_phone_ok(f"+{cc}{rng.randint(low, high):0{width}d}") for _ in range(200)), cc
+    for code in _US_AREA_CODES:
+        assert all(_phone_ok(f"+1{code}{rng.randint(2_000_000, 9_999_999)}") for _ in range(50)), code
+    for code in UNASSIGNED_AREA_CODES:
+        assert not any(_phone_ok(f"+1{code}{rng.randint(2_000_000, 9_999_999)}") for _ in range(50)), code
+
+
+@pytest.mark.parametrize("phones", ["default", "national-mix"])
+def test_bench_cli_emits_json(tmp_path: Path, phones: str) -> None:
     cmd = [sys.executable, "-m", "benchmarks.bench_validate", "--rows", str(ROWS), "--repeat", "1"]
-    cmd += ["--json", "--data-dir", str(tmp_path)]
+    cmd += ["--json", "--data-dir", str(tmp_path), "--phones", phones]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     report = json.load(io.StringIO(proc.stdout))
 
     assert report["file"]["rows"] == ROWS
-    assert report["file"]["expected_rejects"] == round(ROWS * 0.01)
+    assert report["file"]["phones"] == phones
+    # only the id defects and an invalid email without a phone reject a row; the rest are warnings
+    assert 8 <= report["file"]["expected_rejects"] <= 12
+    assert report["file"]["expected_rejects"] + report["file"]["expected_warnings"] >= round(ROWS * 0.01)
     bare = report["bare"]
     assert bare["status"] == "ok"
     assert bare["rows"] == ROWS
     assert bare["seconds"] > 0
     assert bare["peak_rss_bytes"] >= bare["baseline_rss_bytes"] > 0
-    assert set(report["checks"]) == {"time_ratio", "rss_ratio", "rejects"}
+    assert set(report["checks"]) == {"time_ratio", "rss_ratio", "rejects", "warnings"}
 
     pipeline = report["pipeline"]
     # "skipped" until audience_pipeline.validation exists; an error means it crashed.
@@ -135,3 +183,4 @@ def test_bench_cli_emits_json(tmp_path: Path) -> None:
         assert pipeline["source_rows"] == ROWS
         assert pipeline["valid_rows"] + pipeline["rejected_rows"] == ROWS
         assert report["checks"]["time_ratio"]["result"] in {"PASS", "FAIL"}
+        assert report["checks"]["rejects"]["result"] == report["checks"]["warnings"]["result"] == "PASS"

@@ -33,7 +33,10 @@ def test_validate_lists_rejects_by_line_and_writes_them(tmp_path: Path, capsys) 
 def test_validate_exit_codes_say_what_went_wrong(tmp_path: Path, capsys) -> None:
     broken = tmp_path / "broken.csv"
     lines = DEMO_CSV.read_text("utf-8").splitlines()
-    broken.write_text("\n".join([lines[0]] + [line.replace("@", "@@") for line in lines[1:]]) + "\n")
+    # every email and phone broken: nothing left to reach anyone, so the rows are rejects
+    broken.write_text(
+        "\n".join([lines[0]] + [line.replace("@", "@@").replace(",+", ",+0") for line in lines[1:]]) + "\n"
+    )
     workbook = tmp_path / "export.csv"
     workbook.write_bytes(b"PK\x03\x04" + b"\x00" * 60 + b"[Content_Types].xml" + b"\x00" * 200)
 
@@ -44,6 +47,50 @@ def test_validate_exit_codes_say_what_went_wrong(tmp_path: Path, capsys) -> None
     assert str(workbook) in err and "not a CSV" in err
     assert main(["validate", str(DEMO_CSV), "--feed", "nope"]) == 2
     assert "no feed 'nope'" in capsys.readouterr().err
+
+
+def _export(path: Path, *, blank_ids: int, above: tuple[str, ...] = (), header: str = "") -> Path:
+    """200 rows under the demo header (or ``header``); the first ``blank_ids`` lack their id, a
+    reject whatever the feed does with invalid optional values."""
+    header = header or DEMO_CSV.read_text("utf-8").splitlines()[0]
+    rows = [
+        f"{'' if i < blank_ids else f'E{i:04d}'},p{i}@acme-corp.com,,Ann,Lee,Sales,2020-01-02,Austin"
+        for i in range(200)
+    ]
+    path.write_text("\n".join([*above, header, *rows]) + "\n", "utf-8")
+    return path
+
+
+def test_validate_says_plainly_when_the_rejection_threshold_would_block_the_file(
+    tmp_path: Path, capsys
+) -> None:
+    at_limit = _export(tmp_path / "at_limit.csv", blank_ids=10)  # 5.00%: the threshold passes
+    over = _export(tmp_path / "over.csv", blank_ids=11)
+
+    assert main(["validate", str(at_limit), "--feed", "all_staff_cxi"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[-1] == "OK: 5.00% rejected is within the feed's max_rejection_rate of 5.00%"
+    assert main(["validate", str(over), "--feed", "all_staff_cxi"]) == 1
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[-1] == (
+        "BLOCKED: 5.50% of the rows would be rejected, over the feed's max_rejection_rate of 5.00%; "
+        "the pipeline would stop this file before sending anything to cxi"
+    )
+
+
+def test_validate_names_the_header_line_and_inexact_header_matches(tmp_path: Path, capsys) -> None:
+    header = DEMO_CSV.read_text("utf-8").splitlines()[0].replace("Email", "EMAIL")
+    titled = _export(
+        tmp_path / "titled.csv", blank_ids=2, above=("Employee Report 2026-11-01",), header=header
+    )
+
+    assert main(["validate", str(titled), "--feed", "all_staff_cxi"]) == 0
+
+    printed = capsys.readouterr().out
+    assert "200 rows, 198 valid, 2 rejected (1.00%; feed threshold 5.00%)" in printed
+    assert "  header read from line 2; the lines above it are skipped" in printed
+    assert "  mapped header 'Email' matched 'EMAIL' (case or spacing differs)" in printed
+    assert "  line 3: Employee ID is empty but required" in printed
 
 
 @pytest.mark.integration

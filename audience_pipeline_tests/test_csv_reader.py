@@ -52,7 +52,7 @@ def rows(*, legacy: str = "Zoë", malformed: bool = True) -> list[list[str]]:
         [
             "E3",
             "not-an-email",
-            "+14155550103",
+            "",  # no phone either: nothing left to reach E3, so the row is a reject, not a warning
             legacy,
             "Smith",
             "Ops; North | South, East\tWest",
@@ -317,7 +317,14 @@ def test_wrong_field_counts_are_rejects_with_their_line_in_every_dialect(tmp_pat
             b'<?xml version="1.0"?>\n<Workbook xmlns="urn:schemas-microsoft-com:office:spreadsheet">',
             "this is an Excel 2003 XML spreadsheet",
         ),
-        (b"\x00\x01\x02\x03binary\x00\xff\x10", "this is a binary file (it contains NUL bytes)"),
+        (
+            b"\x00\x01\x02\x03binary\x00\xff\x10",
+            "this is a binary file (it contains NUL bytes, the first on line 1, byte 1 of the line)",
+        ),
+        (
+            b"ID,Name\nE1,a\n" + b"\x00" * 600,
+            "this is a binary file (it contains NUL bytes, the first on line 3, byte 1 of the line)",
+        ),
         (
             b"ID,Name\nE1,\xc3\xa9\nE2,\xe9\n",
             "line 3, byte 4 of the line: not valid UTF-8 (byte 0xe9), after text",
@@ -459,3 +466,188 @@ def test_feed_options_for_files_load_with_defaults(tmp_path: Path) -> None:
 
     assert (a.allow_empty, a.max_file_bytes) == (False, csv_reader.DEFAULT_MAX_FILE_BYTES)
     assert (b.allow_empty, b.max_file_bytes) == (True, 1000)
+
+
+# --------------------------------------------------------------------------- headers as people write them
+
+
+def test_mapped_headers_match_ignoring_case_spacing_and_invisible_characters(tmp_path: Path) -> None:
+    path = _file(
+        tmp_path, "EMPLOYEE ID,E-mail,email , First  Name,\u200bDept\nE1,x,a@x.org,Ann,HR\n".encode()
+    )
+
+    parsed = read_csv(path, mapped_headers=["Employee ID", "Email", "First Name", "Dept", "E-mail"])
+
+    assert parsed.headers == ["EMPLOYEE ID", "E-mail", "email", "First  Name", "\u200bDept"]
+    assert parsed.header_matches == {
+        "Employee ID": "EMPLOYEE ID",
+        "Email": "email",
+        "First Name": "First  Name",
+        "Dept": "\u200bDept",
+    }
+
+
+def test_an_ambiguous_header_is_refused_naming_the_candidates(tmp_path: Path) -> None:
+    path = _file(tmp_path, b"ID,EMAIL,email \nE1,a@x.org,b@x.org\n")
+
+    with pytest.raises(CsvFileError) as info:
+        read_csv(path, mapped_headers=["ID", "Email"])
+
+    assert str(info.value) == (
+        f"{path}: line 1: the feed's header 'Email' matches 2 headers of the file when case and spacing "
+        "are ignored: 'EMAIL' (column 2), 'email' (column 3); rename the extra column or map the exact header"
+    )
+    # an exact match is never ambiguous
+    assert (
+        read_csv(
+            _file(tmp_path, b"ID,Email,EMAIL\nE1,a,b\n", "x.csv"), mapped_headers=["Email"]
+        ).header_matches
+        == {}
+    )
+
+
+TITLED = {
+    "utf8-lf": {},
+    "excel-csv-utf8": {"newline": "\r\n", "bom": codecs.BOM_UTF8},
+    "excel-unicode-text": {
+        "delimiter": "\t",
+        "newline": "\r\n",
+        "encoding": "utf-16-le",
+        "bom": codecs.BOM_UTF16_LE,
+    },
+    "excel-csv-windows-1252": {"delimiter": ";", "newline": "\r\n", "encoding": "cp1252"},
+    "mac-excel-lone-cr": {"newline": "\r"},
+    "excel-padded": {"newline": "\r\n", "pad": 3},
+    "sep-hint": {"delimiter": "|"},
+}
+
+
+@pytest.mark.parametrize("name", TITLED)
+def test_a_title_above_the_header_is_skipped_and_lines_stay_the_files(
+    tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Title lines as HR systems write them: a report name, a padded run date, a blank line."""
+    options = TITLED[name]
+    newline, d = str(options.get("newline", "\n")), str(options.get("delimiter", ","))
+    title = f"Employee Report 2026-11-01{newline}Run at:{d}06:00{d * 4}{newline}{newline}"
+    title = f"sep=|{newline}{title}" if name == "sep-hint" else title
+    records = _cr_only(rows(malformed=False)) if newline == "\r" else rows(malformed=False)
+    path = _file(tmp_path, write(records, before=title, **options))  # type: ignore[arg-type]
+    monkeypatch.setattr(csv_reader, "_exact_parse", _no_exact)
+
+    parsed = read_csv(path, mapped_headers=HEADER)
+
+    header = 5 if name == "sep-hint" else 4
+    assert (parsed.header_line, parsed.headers, parsed.delimiter) == (header, HEADER, d)
+    assert parsed.source_line.tolist() == [header + n for n in (1, 2, 4, 5, 6, 7)]
+    assert parsed.table.column("Employee ID").to_pylist() == ["E1", "E2", "E3", "E4", "E1", "E7"]
+
+
+def _no_exact(*args, **kwargs):
+    raise AssertionError("the slow exact parser ran")
+
+
+def test_without_mapped_headers_a_title_is_the_header_as_before(tmp_path: Path) -> None:
+    path = _file(tmp_path, b"Employee Report\nID,Email\nE1,a\n")
+
+    assert read_csv(path).headers == ["Employee Report"]
+    assert read_csv(path, mapped_headers=["ID"]).headers == ["ID", "Email"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            b"Employee Report\n" + b"note\n" * 10 + b"ID,Email\nE1,a@x.org\n",
+            "line 12: the feed's headers are on line 12, not within the first 10 lines (a title above the "
+            "header may take at most 9); delete lines 1-11 above the header",
+        ),
+        (
+            b"E0,z@x.org,Zed\nID,Email,Name\nE1,a@x.org,Ann\n",
+            "line 2: the feed's headers are on line 2, below line 1, which is not a title (3 values); "
+            "delete the lines above the header",
+        ),
+    ],
+    ids=["too-far-down", "below-a-row"],
+)
+def test_a_header_that_cannot_be_reached_is_refused_naming_its_line(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    path = _file(tmp_path, content)
+
+    with pytest.raises(CsvFileError) as info:
+        read_csv(path, mapped_headers=["ID", "Email"])
+
+    assert str(info.value) == f"{path}: {message}"
+
+
+# --------------------------------------------------------------------------- rows that explain themselves
+
+
+def test_malformed_rows_keep_their_fields_for_the_id(tmp_path: Path) -> None:
+    path = _file(tmp_path, b"Name,ID,Email\nAnn,E1,a@x.org\nBob,\xe2\x80\x8bE2 \nCy\nDi,E4,d@x.org,extra\n")
+
+    parsed = read_csv(path)
+
+    assert [m.fields for m in parsed.malformed] == [("Bob", "\u200bE2 "), ("Cy",), ("Di", "E4", "d@x.org")]
+    assert parsed.malformed_ids("ID") == ["E2", "", "E4"]
+    assert parsed.malformed_ids("Missing") == ["", "", ""]
+
+
+@pytest.mark.parametrize(
+    ("content", "lines"),
+    [
+        (b"ID,Email\nE1,a@x.org\nE2,b@x.org\nTotal: 2\n", [4]),
+        (
+            b'ID,Email,,\r\nE1,a@x.org,,\r\nE2,"b\r\nc",,\r\n,,\r\n'
+            b"\r\nTotal: 2\r\n,\r\nEnd of report\r\n\r\n",
+            [7, 9],
+        ),
+        (b"ID;Email\rE1;a@x.org\rE2;b@x.org\r42 rows\r", [4]),
+        (b"ID,Email\nE1,a@x.org\nE2,b@x.org\nE3", [4]),
+    ],
+    ids=["lf", "crlf-padded-blank-lines", "lone-cr", "short-last-row"],
+)
+def test_short_or_long_rows_at_the_end_keep_the_fast_path_and_their_lines(
+    tmp_path: Path, content: bytes, lines: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A footer such as ``Total: 2`` is a row with the wrong field count at the end of the file:
+    the fast path places it exactly as the exact parser does, instead of handing it the file."""
+    path = _file(tmp_path, content)
+    monkeypatch.setattr(csv_reader, "_exact_parse", _no_exact)
+
+    fast = read_csv(path)
+
+    monkeypatch.undo()
+    monkeypatch.setattr(csv_reader, "_fast_parse", lambda *args: None)
+    exact = read_csv(path)
+    assert fast.source_line.tolist() == exact.source_line.tolist() == [2, 3]
+    assert fast.table.equals(exact.table)
+    assert fast.malformed == exact.malformed
+    assert [m.line for m in fast.malformed] == lines
+
+
+def test_a_stray_nul_byte_is_read_and_flagged(tmp_path: Path) -> None:
+    clean = read_csv(_file(tmp_path, b"ID,Email\nE1,a@x.org\n", "clean.csv"))
+    path = _file(tmp_path, b"ID,Email\nE1,a@x.org\nE2,b\x00@x.org\n")
+
+    parsed = read_csv(path)
+
+    assert not clean.has_nul and parsed.has_nul
+    assert parsed.table.column("Email").to_pylist() == ["a@x.org", "b\x00@x.org"]
+    assert parsed.source_line.tolist() == [2, 3]
+
+
+def test_a_row_of_a_narrow_file_never_passes_for_a_title(tmp_path: Path) -> None:
+    path = _file(tmp_path, b"E0,z@x.org\nID,Email\nE1,a@x.org\n")
+
+    with pytest.raises(
+        CsvFileError, match="line 2: the feed's headers are on line 2, below line 1, which is not"
+    ):
+        read_csv(path, mapped_headers=["ID", "Email"])
+    assert (
+        read_csv(
+            _file(tmp_path, b"Staff\nID,Email\nE1,a@x.org\n", "t.csv"), mapped_headers=["ID"]
+        ).header_line
+        == 2
+    )

@@ -13,8 +13,10 @@ from audience_pipeline.reports import (
     REPORT_COLUMNS,
     RowAccounting,
     build_report,
+    count_outcomes,
     markdown_preview,
     spreadsheet_safe,
+    validation_findings,
     write_report,
 )
 
@@ -64,6 +66,55 @@ def test_build_report_merges_and_sorts_by_line() -> None:
         (8, "E8", "target", "failed", "Invalid email"),
     ]
     assert list(report["column"].fillna("<none>")) == ["<none>", "", "Employee ID", ""]
+
+
+def warnings() -> pd.DataFrame:
+    """Values cleared from kept rows: line 5 was imported all the same (submitted row 2)."""
+    return pd.DataFrame(
+        {
+            "source_line": pd.Series([5], dtype="int64"),
+            "unique_id": pd.Series(["E5"], dtype="str"),
+            "column": pd.Series(["Mobile"], dtype="str"),
+            "value": pd.Series(["n/a-ish"], dtype="str"),
+            "reason": pd.Series(["Mobile is not a valid phone number: cleared"], dtype="str"),
+        }
+    )
+
+
+def test_warnings_are_listed_with_their_own_outcome_beside_the_rows_failures() -> None:
+    findings = validation_findings(rejects(), warnings())
+
+    report = build_report(findings, outcome(), submitted())
+
+    assert findings["source_line"].tolist() == [2, 5, 7]
+    assert count_outcomes(findings) == (2, 1)
+    assert count_outcomes(rejects()) == (2, 0)  # a frame from before warnings existed: all rejects
+    assert [(r.source_line, r.stage, r.outcome) for r in report.itertuples()] == [
+        (2, "validation", "rejected"),
+        (4, "target", "ignored"),
+        (5, "validation", "warning"),
+        (7, "validation", "rejected"),
+        (8, "target", "failed"),
+    ]
+    assert report.loc[2, ["column", "value"]].tolist() == ["Mobile", "n/a-ish"]
+
+
+def test_warnings_are_an_extra_count_not_a_bucket() -> None:
+    # 10 rows: 2 rejected, 8 submitted (3 of them with a cleared value), 5 imported, 2 failed, 1 ignored
+    accounting = RowAccounting(
+        source_rows=10, rejected=2, submitted=8, imported=5, failed=2, ignored=1, warnings=3
+    )
+
+    assert accounting.balanced
+    assert accounting.as_metadata()["validation_warnings"] == 3
+    assert validation_findings(rejects().iloc[:0], warnings().iloc[:0]).columns.tolist() == [
+        "source_line",
+        "unique_id",
+        "column",
+        "value",
+        "reason",
+        "outcome",
+    ]
 
 
 def test_build_report_without_problems_is_empty_with_columns() -> None:
@@ -141,6 +192,7 @@ def test_row_accounting_metadata() -> None:
         "rejected_by_validation": 2,
         "failed_at_target": 2,
         "ignored_by_target": 1,
+        "validation_warnings": 0,
     }
 
 

@@ -58,7 +58,9 @@ class FakeVendor:
     def close(self) -> None:
         pass
 
-    def submit(self, rows: pd.DataFrame, *, feed: str, partition: str) -> JobHandle:
+    def submit(
+        self, rows: pd.DataFrame, *, feed: str, partition: str, previous: JobHandle | None = None
+    ) -> JobHandle:
         if partition.startswith("leaky"):
             raise RuntimeError(f"401 Unauthorized for https://vendor.example/imports?api_key={SECRET}")
         jobs = [ChunkJob(job_id=f"job-{partition.split('.')[0]}", first_row=0, row_count=len(rows))]
@@ -73,7 +75,7 @@ class FakeVendor:
             return JobStatus(state=JobState.FAILED, vendor_status="failed")
         return JobStatus(state=JobState.SUCCEEDED, vendor_status="completed")
 
-    def outcome(self, handle: JobHandle) -> JobOutcome:
+    def outcome(self, handle: JobHandle, *, status: JobStatus | None = None) -> JobOutcome:
         submitted = handle.submitted_rows
         if handle.partition.startswith("good"):
             failures = [RowFailure(row=1, reason="mailbox unavailable")]

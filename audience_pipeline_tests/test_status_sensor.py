@@ -57,6 +57,7 @@ from audience_pipeline.sources.registry import build_source_resource
 from audience_pipeline.storage import AudienceIOManager, PipelineStorage
 from audience_pipeline.tags import (
     FINAL_DETAIL_TAG,
+    FINAL_JOB_STATE_TAG,
     FINAL_STATE_TAG,
     IMPORT_TAG,
     PARTITION_TAG,
@@ -140,7 +141,7 @@ class FakeVendor:
                 self.active -= 1
                 self.last_poll = time.monotonic()
 
-    def outcome(self, handle: JobHandle) -> JobOutcome:
+    def outcome(self, handle: JobHandle, *, status: JobStatus | None = None) -> JobOutcome:
         failed = [j for j in handle.jobs if self.states[j.job_id] is JobState.FAILED]
         return JobOutcome(
             submitted=handle.submitted_rows,
@@ -403,11 +404,12 @@ def test_real_import_job_is_polled_until_it_ends_then_its_report_ends_the_tracki
         raise_on_error=False,
     )
     assert report.success
-    polls = len(vendor.polled)  # the sensor's two, and the report's own check that it ended
+    assert tags[FINAL_JOB_STATE_TAG] == "failed"
+    polls = len(vendor.polled)  # the sensor's two: the report takes the final state from the tags
     reported = tick(sensor, instance, vendor, ended.cursor, launch=None)
 
     assert reported.run_requests == [] and imports_of(reported) == {}
-    assert len(vendor.polled) == polls == 3  # a finished import is not polled again
+    assert len(vendor.polled) == polls == 2  # a finished import is not polled again
     quiet = tick(sensor, instance, vendor, reported.cursor, launch=None)
     assert quiet.run_requests == [] and quiet.skip_message == "no import in flight"
 

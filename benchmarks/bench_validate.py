@@ -8,7 +8,8 @@ parent takes the median over ``--repeat`` children.
 Only the standard library is imported at module level: the child for the bare read must not pay
 for pandas or the package, and the package may not exist yet.
 
-Usage: ``python -m benchmarks.bench_validate --rows 1000000 [--repeat 3] [--json] [--strict]``
+Usage: ``python -m benchmarks.bench_validate --rows 1000000 [--repeat 3] [--json] [--strict]
+[--phones national-mix]``
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ def _child_pipeline(path: Path, default_region: str) -> dict[str, Any]:
     rejects = result.rejects
     columns = set(getattr(rejects, "columns", ()))
     rejected_rows = int(rejects["source_line"].nunique()) if "source_line" in columns else len(rejects)
+    warnings = getattr(result, "warnings", None)
+    warned_rows = int(warnings["source_line"].nunique()) if warnings is not None else 0
     by_column: dict[str, int] = {}
     if "column" in columns:
         by_column = {str(k): int(v) for k, v in rejects["column"].value_counts().items()}
@@ -131,6 +134,7 @@ def _child_pipeline(path: Path, default_region: str) -> dict[str, Any]:
         "valid_rows": len(result.valid),
         "reject_records": len(rejects),
         "rejected_rows": rejected_rows,
+        "warned_rows": warned_rows,
         "rejects_by_column": by_column,
     }
 
@@ -149,14 +153,17 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def ensure_file(rows: int, seed: int, data_dir: Path) -> tuple[GeneratedFile, float | None]:
-    """Return the cached file for ``(rows, seed)``, generating it if missing or stale.
+def ensure_file(
+    rows: int, seed: int, data_dir: Path, phones: str = "default"
+) -> tuple[GeneratedFile, float | None]:
+    """Return the cached file for ``(rows, seed, phones)``, generating it if missing or stale.
 
     The second value is the generation time in seconds, or ``None`` when the cache was used.
     """
     from benchmarks.generate_employees import GENERATOR_VERSION, GeneratedFile, generate
 
-    path = data_dir.resolve() / f"employees_{rows}_seed{seed}.csv"
+    style = "" if phones == "default" else f"_{phones}"
+    path = data_dir.resolve() / f"employees_{rows}_seed{seed}{style}.csv"
     sidecar = path.with_suffix(".json")
     if path.exists() and sidecar.exists():
         try:
@@ -166,6 +173,7 @@ def ensure_file(rows: int, seed: int, data_dir: Path) -> tuple[GeneratedFile, fl
                 and cached.rows == rows
                 and cached.seed == seed
                 and cached.bad_fraction == 0.01
+                and cached.phones == phones
                 and path.stat().st_size == cached.bytes
             ):
                 return dataclasses.replace(cached, path=path), None
@@ -173,7 +181,7 @@ def ensure_file(rows: int, seed: int, data_dir: Path) -> tuple[GeneratedFile, fl
             pass  # unreadable sidecar: regenerate
     _log(f"generating {rows:,} rows -> {path}")
     started = time.perf_counter()
-    generated = generate(path, rows, bad_fraction=0.01, seed=seed)
+    generated = generate(path, rows, bad_fraction=0.01, seed=seed, phones=phones)
     seconds = time.perf_counter() - started
     sidecar.write_text(json.dumps(generated.to_json(), indent=2) + "\n")
     return generated, seconds
@@ -228,16 +236,22 @@ def _check(value: float | None, target: float, *, at_most: bool = True) -> dict[
 
 
 def run_benchmark(
-    rows: int, repeat: int, seed: int, data_dir: Path, default_region: str, timeout: float
+    rows: int,
+    repeat: int,
+    seed: int,
+    data_dir: Path,
+    default_region: str,
+    timeout: float,
+    phones: str = "default",
 ) -> dict[str, Any]:
     """Generate (or reuse) the file, measure both steps and evaluate the targets."""
-    generated, gen_seconds = ensure_file(rows, seed, data_dir)
+    generated, gen_seconds = ensure_file(rows, seed, data_dir, phones)
     bare = _measure("bare", generated.path, repeat, default_region, timeout)
     pipeline = _measure("pipeline", generated.path, repeat, default_region, timeout)
     from benchmarks.generate_employees import BAD_KIND_COLUMN
 
     expected_by_column: dict[str, int] = {}
-    for kind, count in generated.bad_rows.items():
+    for kind, count in generated.rejected_by_kind.items():
         column = BAD_KIND_COLUMN[kind]
         expected_by_column[column] = expected_by_column.get(column, 0) + count
 
@@ -250,7 +264,12 @@ def run_benchmark(
         ),
         "rejects": _check(
             pipeline.get("rejected_rows") if pipeline["status"] == "ok" else None,
-            generated.bad_total,
+            generated.expected_rejects,
+            at_most=False,
+        ),
+        "warnings": _check(
+            pipeline.get("warned_rows") if pipeline["status"] == "ok" else None,
+            generated.expected_warnings,
             at_most=False,
         ),
     }
@@ -259,7 +278,8 @@ def run_benchmark(
             **generated.to_json(),
             "mb": generated.bytes / MB,
             "generated_seconds": gen_seconds,
-            "expected_rejects": generated.bad_total,
+            "expected_rejects": generated.expected_rejects,
+            "expected_warnings": generated.expected_warnings,
             "expected_rejects_by_column": expected_by_column,
         },
         "repeat": repeat,
@@ -278,7 +298,8 @@ def format_report(report: dict[str, Any]) -> str:
     cache = "cached" if f["generated_seconds"] is None else f"generated in {f['generated_seconds']:.1f} s"
     lines = [
         f"file      {f['path']}",
-        f"          {f['mb']:.1f} MB, {f['rows']:,} rows, {f['expected_rejects']:,} bad rows ({cache})",
+        f"          {f['mb']:.1f} MB, {f['rows']:,} rows, phones {f['phones']}, "
+        f"{f['expected_rejects']:,} rows to reject, {f['expected_warnings']:,} to warn about ({cache})",
         f"runs      median of {report['repeat']}, each in a fresh subprocess",
         "",
         f"{'measurement':<22}{'seconds':>10}{'peak RSS MB':>14}{'baseline RSS MB':>18}{'peak/file':>12}",
@@ -297,6 +318,7 @@ def format_report(report: dict[str, Any]) -> str:
         ("pipeline time / bare time", checks["time_ratio"], "<= {:g}", "{:.2f}"),
         ("pipeline peak RSS / file size", checks["rss_ratio"], "<= {:g}", "{:.2f}"),
         ("rows rejected / expected", checks["rejects"], "{:,}", "{:,}"),
+        ("rows with warnings / expected", checks["warnings"], "{:,}", "{:,}"),
     )
     for label, check, target_fmt, value_fmt in rows:
         value = "n/a" if check["value"] is None else value_fmt.format(check["value"])
@@ -305,7 +327,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("")
         lines.append(
             f"pipeline: {pipe['source_rows']:,} source rows, {pipe['valid_rows']:,} valid, "
-            f"{pipe['rejected_rows']:,} rejected ({pipe['reject_records']:,} reject records)"
+            f"{pipe['rejected_rows']:,} rejected ({pipe['reject_records']:,} reject records), "
+            f"{pipe['warned_rows']:,} with warnings"
         )
         expected = f["expected_rejects_by_column"]
         actual = pipe.get("rejects_by_column") or {}
@@ -327,6 +350,12 @@ def main(argv: list[str] | None = None) -> int:
         "--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where generated files are cached"
     )
     parser.add_argument("--default-region", default="US")
+    parser.add_argument(
+        "--phones",
+        choices=("default", "national-mix"),
+        default="default",
+        help="phone formats of the generated file (national-mix: no E.164 at all, seven countries)",
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per child process")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
     parser.add_argument("--strict", action="store_true", help="exit 1 unless every check passes")
@@ -340,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows < 1 or args.repeat < 1:
         parser.error("--rows and --repeat must be at least 1")
     report = run_benchmark(
-        args.rows, args.repeat, args.seed, args.data_dir, args.default_region, args.timeout
+        args.rows, args.repeat, args.seed, args.data_dir, args.default_region, args.timeout, args.phones
     )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 1 if args.strict and not report["ok"] else 0

@@ -7,13 +7,21 @@ byte-for-byte deterministic for a ``(rows, bad_fraction, seed)`` triple.
 
 Each bad row carries exactly one defect, and every other row is valid under the rules the pipeline
 enforces (unique id, parseable email, ISO date, phone valid under ``phonenumbers`` with default
-region ``US``), so the expected number of rejected source rows is exact.
+region ``US``), so the expected numbers are exact. Under the default ``invalid_optional_fields:
+clear`` a bad value in an optional column is a warning (the row is imported without it), so only
+a missing or duplicate id, and an invalid email on a row without a phone, are rejects; bad dates,
+bad phones and the other invalid emails are warnings (``rejected_by_kind`` has the split).
+
+``phones="national-mix"`` writes every phone in a non-E.164 form instead: US numbers in national
+formats, six other countries with ``+`` or ``00`` and spaces, dots or dashes, and
+:data:`UNASSIGNED_SHARE` of the good rows with a US area code that is not assigned (warnings too).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import unicodedata
@@ -25,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 # Bump when the output for a given (rows, bad_fraction, seed) changes, so cached files are rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: the sidecar records which bad rows are rejects and which are warnings
 
 HEADER: tuple[str, ...] = (
     "Employee ID",
@@ -116,6 +124,35 @@ _N_GB = 3
 _COUNTRY_SHARE = (0.70, 0.18, 0.05, 0.04, 0.03)
 
 _EMPTY_PHONE_SHARE = 0.02
+PHONE_STYLES = ("default", "national-mix")
+
+# national-mix: (country code, national digits, low, high, formats); every format writes the
+# national digits d as the template's {0}, {1}, ... slices. Ranges checked valid with phonenumbers.
+_MIX_COUNTRIES: tuple[tuple[str, int, int, int, tuple[str, ...]], ...] = (
+    ("1", 10, 0, 0, ("({0}) {1}-{2}", "{0}.{1}.{2}", "{0}-{1}-{2}", "1 {0} {1} {2}")),  # US: area codes below
+    ("44", 10, 7_400_000_000, 7_599_999_999, ("+44 {3} {4}", "0044 {3} {4}", "+44 (0){3} {4}")),
+    ("49", 11, 15_100_000_000, 15_199_999_999, ("+49 {5} {6}", "0049 {5} {7} {8}")),
+    ("33", 9, 610_000_000, 619_999_999, ("+33 {9} {10} {11} {12} {13}", "0033 {9}.{10}.{11}.{12}.{13}")),
+    ("61", 9, 410_000_000, 439_999_999, ("+61 {14} {15} {16}", "0061 {14}-{15}-{16}")),
+    ("91", 10, 9_000_000_000, 9_999_999_999, ("+91 {17} {18}",)),
+    ("55", 11, 11_900_000_000, 11_999_999_999, ("+55 {19} {20}-{21}",)),
+)
+# Slices of the national digits the templates use, by index: US area/exchange/subscriber, GB,
+# DE, FR pairs, AU triples, IN halves, BR area/prefix/line.
+_MIX_SLICES: tuple[tuple[int, int], ...] = (
+    (0, 3), (3, 6), (6, 10),
+    (0, 4), (4, 10),
+    (0, 3), (3, 11), (3, 7), (7, 11),
+    (0, 1), (1, 3), (3, 5), (5, 7), (7, 9),
+    (0, 3), (3, 6), (6, 9),
+    (0, 5), (5, 10),
+    (0, 2), (2, 7), (7, 11),
+)  # fmt: skip
+_MIX_SHARE = (0.50, 0.15, 0.10, 0.08, 0.07, 0.05, 0.05)
+_MIX_US_AREA_CODES = _US_AREA_CODES
+UNASSIGNED_AREA_CODES = ("237", "271", "290", "297", "322", "338", "355", "687")
+"""US area codes that no region has: numbers under them are invalid however they are written."""
+UNASSIGNED_SHARE = 0.02
 _LOCAL_FORMAT_SHARE = 0.02  # of all rows; drawn from US and GB rows only
 _MESSY_EMAIL_SHARE = 0.04
 _START_DAY_RANGE = (np.datetime64("1995-01-01"), np.datetime64("2025-10-31"))
@@ -134,6 +171,17 @@ class GeneratedFile:
     seed: int = 7
     bad_fraction: float = 0.01
     generator_version: int = GENERATOR_VERSION
+    phones: str = "default"
+    rejected_by_kind: dict[str, int] = field(default_factory=dict)  # the rest of bad_rows: warnings
+    unassigned_phones: int = 0  # good rows whose phone is invalid (national-mix): warnings
+
+    @property
+    def expected_rejects(self) -> int:
+        return sum(self.rejected_by_kind.values())
+
+    @property
+    def expected_warnings(self) -> int:
+        return self.bad_total - self.expected_rejects + self.unassigned_phones
 
     def to_json(self) -> dict[str, object]:
         """JSON-ready form, used for the benchmark's cache sidecar and ``--json`` output."""
@@ -207,13 +255,18 @@ def _unique_suffix(first_idx: np.ndarray, last_idx: np.ndarray, rng: np.random.G
     return seq
 
 
-def generate(path: Path, rows: int, *, bad_fraction: float = 0.01, seed: int = 7) -> GeneratedFile:
+def generate(
+    path: Path, rows: int, *, bad_fraction: float = 0.01, seed: int = 7, phones: str = "default"
+) -> GeneratedFile:
     """Write a UTF-8, LF-terminated employee CSV with ``rows`` data rows and return what it holds.
 
     ``bad_fraction`` of the rows (rounded) each get exactly one defect, spread evenly over
     :data:`BAD_KINDS`; a duplicate id copies the id of an earlier *valid* row, so it yields exactly
-    one reject (the later row).
+    one reject (the later row). ``phones`` is one of :data:`PHONE_STYLES`; the default style's
+    output does not depend on the other's draws.
     """
+    if phones not in PHONE_STYLES:
+        raise ValueError(f"phones must be one of {PHONE_STYLES}")
     if rows < 0:
         raise ValueError("rows must be >= 0")
     if not 0.0 <= bad_fraction <= 0.5:
@@ -277,6 +330,10 @@ def generate(path: Path, rows: int, *, bad_fraction: float = 0.01, seed: int = 7
         "bad_phone": [str(v) for v in rng.choice(_BAD_PHONES, len(bad_pos["bad_phone"]))],
     }
     bad_column = {"invalid_email": 1, "missing_id": 0, "bad_date": 7, "bad_phone": 2}
+    mix = _national_mix(rows, seed, positions) if phones == "national-mix" else None
+    no_phone = empty_phone if mix is None else mix[2]
+    rejected_by_kind = {kind: len(bad_pos[kind]) for kind in ("missing_id", "duplicate_id")}
+    rejected_by_kind["invalid_email"] = int(no_phone[bad_pos["invalid_email"]].sum())
 
     id_width = max(7, len(str(int(id_num.max())))) if rows else 7
     path = Path(path)
@@ -290,7 +347,9 @@ def generate(path: Path, rows: int, *, bad_fraction: float = 0.01, seed: int = 7
             columns = [
                 _join("E", pc.utf8_lpad(pc.cast(pa.array(id_num[sl]), pa.string()), id_width, "0")),
                 _emails(first_idx[sl], last_idx[sl], email_seq[sl], messy_kind[sl]),
-                _phones(plan_idx[sl], phone_rest[sl], local_fmt[sl], empty_phone[sl]),
+                _phones(plan_idx[sl], phone_rest[sl], local_fmt[sl], empty_phone[sl])
+                if mix is None
+                else mix[0][lo:hi],
                 _FIRST_POOL.take(pa.array(first_idx[sl])),
                 _LAST_POOL.take(pa.array(last_idx[sl])),
                 _DEPT_POOL.take(pa.array(dept_idx[sl])),
@@ -312,7 +371,49 @@ def generate(path: Path, rows: int, *, bad_fraction: float = 0.01, seed: int = 7
         bad_total=n_bad,
         seed=seed,
         bad_fraction=bad_fraction,
+        phones=phones,
+        rejected_by_kind=rejected_by_kind,
+        unassigned_phones=0 if mix is None else mix[1],
     )
+
+
+def _national_mix(rows: int, seed: int, bad_positions: np.ndarray) -> tuple[pa.Array, int, np.ndarray]:
+    """Every phone non-E.164 (see the module docstring), how many good rows got an unassigned one,
+    and which rows have no phone.
+
+    Drawn from a generator of its own, so that the rest of the file is the default style's.
+    """
+    rng = np.random.default_rng([seed, 1])
+    country = rng.choice(len(_MIX_COUNTRIES), rows, p=_MIX_SHARE)
+    lows = np.array([c[2] for c in _MIX_COUNTRIES], dtype=np.int64)
+    highs = np.array([c[3] for c in _MIX_COUNTRIES], dtype=np.int64)
+    national = lows[country] + (rng.random(rows) * (highs - lows + 1)[country]).astype(np.int64)
+    empty = rng.random(rows) < _EMPTY_PHONE_SHARE
+    unassigned = (country == 0) & ~empty & (rng.random(rows) < UNASSIGNED_SHARE / _MIX_SHARE[0])
+    unassigned[bad_positions] = False  # a bad row keeps its one defect
+    codes = np.where(
+        unassigned,
+        np.array(UNASSIGNED_AREA_CODES, dtype=np.int64)[rng.integers(0, len(UNASSIGNED_AREA_CODES), rows)],
+        np.array(_MIX_US_AREA_CODES, dtype=np.int64)[rng.integers(0, len(_MIX_US_AREA_CODES), rows)],
+    )
+    us = country == 0
+    national[us] = codes[us] * 10_000_000 + rng.integers(2_000_000, 10_000_000, int(us.sum()))
+    style = (rng.random(rows) * np.array([len(c[4]) for c in _MIX_COUNTRIES])[country]).astype(np.int64)
+    widths = np.array([c[1] for c in _MIX_COUNTRIES], dtype=np.int64)[country]
+    padded = pc.cast(pa.array(national + 10**widths), pa.string())  # a leading "1" keeps the zeros
+    digits = pc.utf8_slice_codeunits(padded, 1)
+    parts = [pc.utf8_slice_codeunits(digits, a, b) for a, b in _MIX_SLICES]
+    out = pa.repeat(pa.scalar("", pa.string()), rows)
+    for c, (_, _, _, _, formats) in enumerate(_MIX_COUNTRIES):
+        for f, template in enumerate(formats):
+            mask = (country == c) & (style == f) & ~empty
+            if not mask.any():
+                continue
+            taken = pa.array(np.flatnonzero(mask))
+            pieces = re.split(r"\{(\d+)\}", template)  # literal, slice index, literal, ...
+            args = [parts[int(p)].take(taken) if i % 2 else p for i, p in enumerate(pieces) if p]
+            out = pc.replace_with_mask(out, pa.array(mask), _join(*args))
+    return out, int(unassigned.sum()), empty
 
 
 def _emails(first: np.ndarray, last: np.ndarray, seq: np.ndarray, messy: np.ndarray) -> pa.Array:
@@ -400,9 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/data/employees.csv"))
     parser.add_argument("--bad-fraction", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--phones", choices=PHONE_STYLES, default="default")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    result = generate(args.out, args.rows, bad_fraction=args.bad_fraction, seed=args.seed)
+    result = generate(args.out, args.rows, bad_fraction=args.bad_fraction, seed=args.seed, phones=args.phones)
     summary = {**result.to_json(), "seconds": round(time.perf_counter() - started, 3)}
     json.dump(summary, sys.stdout, indent=2)
     sys.stdout.write("\n")

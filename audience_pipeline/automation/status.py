@@ -317,9 +317,10 @@ def _apply(
     elif isinstance(result, JobStatus):
         entry["err"] = 0
         entry["last"] = result.vendor_status
-        if result.state.terminal:
+        if result.state.terminal:  # the vendor's last word, passed to the report so it need not ask again
             entry["final"] = result.vendor_status
             entry["state"] = result.state.value
+            entry["detail"] = result.detail
             return
         if result.state is JobState.UNKNOWN:
             context.log.warning(
@@ -457,9 +458,9 @@ def _report_requests(
             entry["at"] = now
         run_key = f"{key}:{entry['final']}" + (f"#report{entry['att']}" if entry["att"] > 1 else "")
         tags = {IMPORT_TAG: key, VENDOR_STATUS_TAG: entry["final"], FINAL_STATE_TAG: entry["final"]}
-        if entry["final"] in POLL_GAVE_UP:
+        if entry.get("detail"):
             tags[FINAL_DETAIL_TAG] = entry["detail"][:250]
-        elif entry.get("state"):
+        if entry["final"] not in POLL_GAVE_UP and entry.get("state"):
             tags[FINAL_JOB_STATE_TAG] = entry["state"]
         requests.append(dg.RunRequest(partition_key=partition, run_key=run_key, tags=tags))
     return requests

@@ -8,11 +8,26 @@ Protocol choices where the vendor document is vague (the sandbox agrees with eac
   sensor costs one GET per import; a 401 drops the token and retries once with a new one.
   A fixed ``access_token`` may be configured instead (no refresh then). Every call also sends
   ``x-api-key`` (the client id), ``x-gw-ims-org-id`` and ``x-sandbox-name``.
-- Paths live under ``{base_url}/data/core/ais``. The seed documents no lookup, so a lost
-  ``audienceId`` is found with ``GET /external-audiences?customAudienceId=…`` →
-  ``{"audiences": [...]}`` (the Audiences API's filter style); the feed's ``customAudienceId``
-  defaults to ``audience_pipeline.<feed>``. An audience whose creation is still running is
-  listed with ``status: PROCESSING``; a failed creation leaves no audience behind.
+- Paths live under ``{base_url}/data/core/ais``; the feed's ``customAudienceId`` defaults to
+  ``audience_pipeline.<feed>``. A failed creation leaves no audience behind.
+- Finding the feed's audience. The seed shows no way to find an audience by name or
+  ``customAudienceId``: its ``audienceId`` comes only from the creation operation
+  (``GET /external-audiences/operations/{id}``). So the pipeline keeps it in its own state:
+  ``submit`` and ``reconcile`` get the feed's newest earlier handle (``previous``, read from the
+  ``import_job`` records in Dagster). A run's handle names its ``audience_id``; a creation's handle
+  names its operation, which is read (and waited for while PROCESSING, up to
+  ``run_wait_seconds``) for the ``audienceId``, or which says the creation failed and left no
+  audience to find. A handle of another ``customAudienceId`` (the option changed) is not used. In
+  order: the ``audience_id`` option (an existing audience, used as is: never looked up, never
+  created; a 404 for it is an error naming the option); that state (a remembered audience that
+  answers 404 was deleted: go on as if lost); only then, the state being lost,
+  ``GET /external-audiences?customAudienceId=…`` → ``{"audiences": [...]}`` (the Audiences API's
+  filter style), an optional fallback whose 404/405 means "not offered", and the push creates the
+  audience. A creation refused with 409 (the name or ``customAudienceId`` exists) whose audience
+  that fallback cannot find fails with a message naming the ``audience_id`` option and where it
+  goes (the feed's ``options:`` in the feeds file). The audience's details, for the field check
+  and PATCH below, come from ``GET /external-audience/{id}`` (the "view details" of the
+  document's introduction).
 - The API reads the CSV from cloud storage (``aep_storage``): each push overwrites one file per
   feed (``sourceSpec.type = file``), so the audience always mirrors the latest export. A run's
   data-filter window is ``[floor(mtime), floor(mtime) + 1]`` in epoch seconds (both inclusive)
@@ -40,20 +55,26 @@ Protocol choices where the vendor document is vague (the sandbox agrees with eac
 - An expired landing-zone SAS is fetched again and the upload retried once (``aep_storage``).
 - A status word other than PROCESSING, SUCCESS or FAILED is ``JobState.UNKNOWN`` (not final; the
   word is kept in ``vendor_status``).
+- ``outcome`` never polls a job whose end is known: it reuses the answer this client's last
+  ``status`` read, or, given a terminal ``status=``, reads nothing (a failure's reason is then that
+  status's ``detail``, and the created audience goes unnamed in the note).
 - ``destination(options, retry=...)`` applies one :class:`RetryPolicy` to the Platform and IMS
   clients (the status sensor passes one without 429, so a rate-limited tick fails at once instead
   of sleeping for ``Retry-After``). The landing-zone upload keeps ``aep_storage``'s own policy.
-- ``reconcile`` (a submit whose answer was lost): the feed's audience is found by
-  ``customAudienceId`` as ``submit`` finds it, then its runs are listed with the documented
+- ``reconcile`` (a submit whose answer was lost): the feed's audience is the ``audience_id``
+  option or the one the state names (as for ``submit``), else the lookup by ``customAudienceId``;
+  then its runs are listed with the documented
   ``GET /external-audience/{id}/runs``. One run this pipeline never recorded, created at or after
   the intent's ``recorded_at`` less ``CLOCK_SKEW_SECONDS``, is the lost one and is adopted; none
   means nothing arrived, provided the audience is older than the lost submit (it has an earlier or
   recorded run, or a recorded creation operation names it). Otherwise the lost submit may have
   created the audience, and a creation can be looked up only by the ``operationId`` its lost
   answer held: the client cannot tell, and a resend is harmless (a second creation of the same
-  ``customAudienceId`` is refused with 409, and ``submit`` then starts a run). The audience
-  lookup is not in the seed, so a 404/405 from it (or from the runs list) means "cannot tell";
-  several unrecorded new runs, or one without ``createdAt``, cannot be told apart either.
+  ``customAudienceId`` is refused with 409; ``submit`` then starts a run on the audience the
+  lookup finds, or, without the lookup, fails asking for the ``audience_id`` option, since nothing
+  documented leads from the lost creation to its audience). The audience lookup is not in the
+  seed, so a 404/405 from it (or from the runs list) means "cannot tell"; several unrecorded new
+  runs, or one without ``createdAt``, cannot be told apart either.
 """
 
 from __future__ import annotations
@@ -86,10 +107,12 @@ from audience_pipeline.destinations.base import (
     JobOutcome,
     JobState,
     JobStatus,
+    LastFinal,
     Reconciliation,
     RowFailure,
     SubmitIntent,
     cannot_reconcile,
+    known_final,
 )
 from audience_pipeline.destinations.http import RetryPolicy, VendorError, VendorHTTP, VendorHTTPError
 from audience_pipeline.destinations.oauth import (
@@ -120,6 +143,8 @@ CLOCK_SKEW_SECONDS = 60.0
 MAX_OPERATION_LOOKUPS = 20
 """Recorded job ids tried as creation operations when reconciling (one GET each)."""
 _UNSUPPORTED = (404, 405)
+AUDIENCE_ID_OPTION = "audience_id"
+"""The feed option naming an existing audience; the 409 error tells a person to set it."""
 NO_ROW_RESULTS = (
     "Experience Platform reports no row-level results: every row sent in a run that succeeded is "
     "counted imported, and a failed run fails every row it was sent."
@@ -132,6 +157,8 @@ class AepOptions(VendorOptions):
     audience_name: str = Field(min_length=1)
     description: str | None = None
     custom_audience_id: str | None = None
+    audience_id: str | None = Field(default=None, min_length=1)
+    """An existing audience to refresh, used as is: never looked up, never created."""
     identity_field: str = "email"
     identity_namespace: str = "email"
     ttl_in_days: int = Field(default=30, ge=1, le=90)
@@ -261,6 +288,7 @@ class AepClient:
         self.storage = storage or LandingZone(VENDOR, DlzStorageOptions(), self.landing_zone_credentials)
         self._sleep = sleep
         self._clock = clock
+        self._final: LastFinal[dict[str, Any]] = LastFinal()
 
     def close(self) -> None:
         self.http.close()
@@ -273,19 +301,102 @@ class AepClient:
         return self.call("GET", DLZ_CREDENTIALS, params={"type": "user_drop_zone"})
 
     def find_audience(self, custom_audience_id: str) -> dict[str, Any] | None:
+        """The audience with this ``customAudienceId`` through the lookup the seed does not show;
+        raises its 404/405 (callers that can do without it use :meth:`lookup`)."""
         body = self.call("GET", AUDIENCES, params={"customAudienceId": custom_audience_id})
         for audience in (body or {}).get("audiences") or []:
             if audience.get("customAudienceId") == custom_audience_id:
                 return audience
         return None
 
-    def submit(self, rows: pd.DataFrame, *, feed: str, partition: str) -> JobHandle:
-        """Upload the file, then create the audience (first push) or start an ingestion run."""
+    def lookup(self, custom_audience_id: str) -> dict[str, Any] | None:
+        """:meth:`find_audience`, with a 404/405 (no such endpoint) meaning "not found"."""
+        try:
+            return self.find_audience(custom_audience_id)
+        except VendorHTTPError as exc:
+            if exc.status not in _UNSUPPORTED:
+                raise
+            return None
+
+    def audience(self, audience_id: str) -> dict[str, Any] | None:
+        """``GET /external-audience/{id}`` (the details the document's introduction offers);
+        ``None`` when the audience is gone (404)."""
+        try:
+            body = self.call("GET", f"{AUDIENCE}/{audience_id}")
+        except VendorHTTPError as exc:
+            if exc.status != 404:
+                raise
+            return None
+        return {**(body or {}), "audienceId": (body or {}).get("audienceId") or audience_id}
+
+    def remembered(self, custom_id: str, previous: JobHandle | None) -> tuple[bool, str | None]:
+        """``(known, audience id)`` from the feed's newest earlier import: its run's audience, or
+        the audience its creation operation made (waiting while that still runs). ``(True, None)``:
+        that creation failed, so there is no audience; ``(False, None)``: no usable record."""
+        if previous is None or previous.vendor != VENDOR or not previous.jobs:
+            return False, None
+        if previous.extra.get("custom_audience_id") != custom_id:
+            return False, None  # the feed now names another audience
+        if previous.extra.get("audience_id"):
+            return True, str(previous.extra["audience_id"])
+        if previous.extra.get("kind") != "operation":
+            return False, None
+        operation_id = previous.jobs[0].job_id
+        path = f"{OPERATIONS}/{operation_id}"
+        answer: dict[str, Any] = {}
+
+        def ended() -> bool:
+            answer.update(self.call("GET", path) or {})
+            return answer.get("status") != "PROCESSING"
+
+        try:
+            self._wait(ended, path=path, what=f"the audience's creation (operation {operation_id})")
+        except VendorHTTPError as exc:
+            if exc.status not in _UNSUPPORTED:
+                raise
+            return False, None  # the operation is no longer kept
+        if answer.get("status") == "SUCCESS" and answer.get("audienceId"):
+            return True, str(answer["audienceId"])
+        if answer.get("status") == "FAILED":
+            return True, None
+        return False, None
+
+    def _existing(self, custom_id: str, previous: JobHandle | None) -> dict[str, Any] | None:
+        """The feed's audience: named in the options, else remembered, else (state lost) looked up."""
+        if self.options.audience_id:
+            audience = self.audience(self.options.audience_id)
+            if audience is None:
+                raise VendorHTTPError(
+                    VENDOR,
+                    "GET",
+                    f"{AUDIENCE}/{self.options.audience_id}",
+                    status=404,
+                    detail=(
+                        f"Experience Platform has no audience {self.options.audience_id!r}; correct or "
+                        f"remove {AUDIENCE_ID_OPTION} under the feed's options: in the feeds file"
+                    ),
+                )
+            return audience
+        known, audience_id = self.remembered(custom_id, previous)
+        if known and audience_id is None:
+            return None  # the last creation failed and left no audience: create it
+        if audience_id is not None:
+            audience = self.audience(audience_id)
+            if audience is not None:
+                return audience  # else deleted since: look for another, or create one
+        return self.lookup(custom_id)
+
+    def submit(
+        self, rows: pd.DataFrame, *, feed: str, partition: str, previous: JobHandle | None = None
+    ) -> JobHandle:
+        """Upload the file, then create the audience (first push) or start an ingestion run.
+
+        ``previous``: the feed's newest earlier import, whose record names the audience."""
         columns = [c for c in rows.columns if c != "source_line"]
         fields = self.options.fields(columns)
         missing = self._no_identity(rows)
         custom_id = self._custom_id(feed)
-        audience = self.find_audience(custom_id)
+        audience = self._existing(custom_id, previous)
         if audience is not None:
             self._prepare(audience, fields)
         stored = self._upload(rows.loc[~missing, columns], self.options.file_name or f"{feed}.csv")
@@ -300,9 +411,9 @@ class AepClient:
             except VendorHTTPError as exc:
                 if exc.status != 409:
                     raise
-                audience = self.find_audience(custom_id)
+                audience = self.lookup(custom_id)
                 if audience is None:
-                    raise
+                    raise self._conflict(exc, feed, custom_id) from None
                 self._prepare(audience, fields)
             else:
                 job_id = _required(body, "operationId", "POST", f"{AUDIENCE}/")
@@ -313,6 +424,25 @@ class AepClient:
 
     def _custom_id(self, feed: str) -> str:
         return self.options.custom_audience_id or f"audience_pipeline.{feed}"
+
+    def _conflict(self, exc: VendorHTTPError, feed: str, custom_id: str) -> VendorHTTPError:
+        """The 409 of a creation whose existing audience this pipeline cannot find: say what to set."""
+        return VendorHTTPError(
+            VENDOR,
+            exc.method,
+            exc.url,
+            status=409,
+            code=exc.code,
+            detail=(
+                f"Experience Platform already has an audience named {self.options.audience_name!r} or "
+                f"with customAudienceId {custom_id!r} ({exc.detail or 'duplicate'}), and this pipeline "
+                "has no record of its audienceId (no earlier import of the feed names it, and the lookup "
+                "by customAudienceId, which the vendor document does not offer, found none). Set "
+                f"{AUDIENCE_ID_OPTION}: <that audience's id> under options: of feed {feed!r} in the "
+                "feeds file to refresh it, or a new custom_audience_id and audience_name there to "
+                "create another audience"
+            ),
+        )
 
     def _no_identity(self, rows: pd.DataFrame) -> np.ndarray:
         """Rows without an identity value: never sent, since Platform could not identify them."""
@@ -345,12 +475,17 @@ class AepClient:
             extra=extra,
         )
 
-    def reconcile(self, intent: SubmitIntent, rows: pd.DataFrame) -> Reconciliation:
+    def reconcile(
+        self, intent: SubmitIntent, rows: pd.DataFrame, *, previous: JobHandle | None = None
+    ) -> Reconciliation:
         """Did the submit recorded in ``intent`` start a run? (See the module docstring.)"""
         custom_id = self._custom_id(intent.feed)
         since = intent.recorded_at - CLOCK_SKEW_SECONDS
+        audience_id = self.options.audience_id or self.remembered(custom_id, previous)[1]
+        audience = self.audience(audience_id) if audience_id else None
         try:
-            audience = self.find_audience(custom_id)
+            if audience is None:
+                audience = self.find_audience(custom_id)
         except VendorHTTPError as exc:
             if exc.status not in _UNSUPPORTED:
                 raise
@@ -531,17 +666,24 @@ class AepClient:
         self._wait(started, audience_id)
         return result
 
-    def _wait(self, ready: Callable[[], bool], audience_id: str) -> None:
+    def _wait(
+        self,
+        ready: Callable[[], bool],
+        audience_id: str = "",
+        *,
+        path: str = "",
+        what: str = "an ingestion run",
+    ) -> None:
         deadline = self._clock() + self.options.run_wait_seconds
         while not ready():
             if self._clock() >= deadline:
                 raise VendorError(
                     VENDOR,
-                    "POST",
-                    f"{AUDIENCE}/{audience_id}/runs",
+                    "GET" if path else "POST",
+                    path or f"{AUDIENCE}/{audience_id}/runs",
                     status=409,
                     detail=(
-                        "an ingestion run was still in progress after "
+                        f"{what} was still in progress after "
                         f"{self.options.run_wait_seconds:.0f} s; re-run the partition once it ends"
                     ),
                 )
@@ -556,15 +698,23 @@ class AepClient:
     def status(self, handle: JobHandle) -> JobStatus:
         body = self._job(handle)
         vendor_status = str(body.get("status"))
-        return JobStatus(
-            state=_STATES.get(vendor_status, JobState.UNKNOWN),
-            vendor_status=vendor_status,
-            detail=_failure_detail(body),
-        )
+        state = _STATES.get(vendor_status, JobState.UNKNOWN)
+        if state.terminal:
+            self._final.remember(handle, {handle.jobs[0].job_id: body})
+        return JobStatus(state=state, vendor_status=vendor_status, detail=_failure_detail(body))
 
-    def outcome(self, handle: JobHandle) -> JobOutcome:
-        body = self._job(handle)
-        vendor_status = str(body.get("status"))
+    def outcome(self, handle: JobHandle, *, status: JobStatus | None = None) -> JobOutcome:
+        """Every sent row imported, or all failed with the stage's reason. The job is read only
+        when neither this client's last ``status`` read it ended nor a terminal ``status`` is given
+        (its ``detail`` is the failure's reason then; the created audience's id goes unnamed)."""
+        body = self._final.get(handle).get(handle.jobs[0].job_id)
+        final = known_final(status)
+        if body is None and final is not None:
+            failed, detail, created = final.state is JobState.FAILED, final.detail or final.vendor_status, ""
+        else:
+            body = body if body is not None else self._job(handle)
+            failed = _STATES.get(str(body.get("status"))) is JobState.FAILED
+            detail, created = _failure_detail(body), str(body.get("audienceId") or "")
         not_sent = set(handle.extra.get("not_sent_rows") or [])
         failures = [
             RowFailure(
@@ -576,15 +726,16 @@ class AepClient:
         ]
         notes = [NO_ROW_RESULTS]
         kind = "audience creation" if handle.extra.get("kind") == "operation" else "ingestion run"
-        if _STATES.get(vendor_status) is JobState.FAILED:
-            reason = f"Experience Platform {kind} {handle.jobs[0].job_id} failed: {_failure_detail(body)}"
+        if failed:
+            reason = f"Experience Platform {kind} {handle.jobs[0].job_id} failed: {detail}"
             failures += [
                 RowFailure(row=r, reason=reason) for r in range(handle.submitted_rows) if r not in not_sent
             ]
             failures.sort(key=lambda f: f.row)
             notes.append(reason)
-        elif handle.extra.get("kind") == "operation" and body.get("audienceId"):
-            notes.append(f"audience {body['audienceId']} created ({handle.extra.get('custom_audience_id')})")
+        elif handle.extra.get("kind") == "operation":
+            named = f" {created}" if created else ""
+            notes.append(f"audience{named} created ({handle.extra.get('custom_audience_id')})")
         return JobOutcome(
             submitted=handle.submitted_rows,
             failures=failures,

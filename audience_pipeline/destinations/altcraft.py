@@ -30,6 +30,9 @@ agrees with each):
   status answer is an ``error != 0`` envelope (e.g. "task not found"), fails all its profiles.
 - ``destination(options, retry=...)`` applies one :class:`RetryPolicy` to every call (the status
   sensor passes one without 429, so a tick fails at once instead of sleeping for ``Retry-After``).
+- ``outcome`` reuses the tasks this client's last ``status`` read ended. Otherwise it reads each
+  task once: the per-profile results travel only in ``tasks/status``, so a terminal ``status=``
+  (which holds none) cannot spare that read.
 - A submit whose answer was lost cannot be reconciled: the document has no way to list tasks
   (``tasks/status`` needs the ``task_id`` the lost answer held). Sending again matches the same
   profiles (``matching``) and updates them, so no profile is created twice; but the trigger
@@ -57,6 +60,7 @@ from audience_pipeline.destinations.base import (
     JobOutcome,
     JobState,
     JobStatus,
+    LastFinal,
     Reconciliation,
     RowFailure,
     SubmitIntent,
@@ -223,6 +227,7 @@ class AltcraftClient:
         self.max_profiles = max_profiles
         self.max_request_bytes = max_request_bytes
         self.max_in_flight = max_in_flight
+        self._final: LastFinal[_TaskStatus] = LastFinal()
 
     def close(self) -> None:
         self.http.close()
@@ -242,8 +247,11 @@ class AltcraftClient:
             max_bytes=self.max_request_bytes,
         )
 
-    def submit(self, rows: pd.DataFrame, *, feed: str, partition: str) -> JobHandle:
-        """Send every batch (a few at a time); refused batches become failed chunks, not errors."""
+    def submit(
+        self, rows: pd.DataFrame, *, feed: str, partition: str, previous: JobHandle | None = None
+    ) -> JobHandle:
+        """Send every batch (a few at a time); refused batches become failed chunks, not errors.
+        ``previous`` is not needed: every push is new tasks."""
         results = send_concurrently(self._send, self.batches(rows), max_in_flight=self.max_in_flight)
         jobs: list[ChunkJob] = []
         refused: dict[str, str] = {}
@@ -272,7 +280,9 @@ class AltcraftClient:
             },
         )
 
-    def reconcile(self, intent: SubmitIntent, rows: pd.DataFrame) -> Reconciliation:
+    def reconcile(
+        self, intent: SubmitIntent, rows: pd.DataFrame, *, previous: JobHandle | None = None
+    ) -> Reconciliation:
         """Altcraft cannot say whether a lost submit created tasks: see the module docstring."""
         if self.options.skip_triggers:
             triggers = "skip_triggers is set, so trigger events are not fired again"
@@ -315,9 +325,14 @@ class AltcraftClient:
         A finished task's status carries its whole per-profile result (the API has no lighter
         call), so while an import runs a sensor tick fetches one wave, not every task.
         """
-        statuses = [s for s in self._statuses(handle, stop_when_running=True) if s is not None]
+        polled = self._statuses(handle, stop_when_running=True)
+        statuses = [s for s in polled if s is not None]
         states = [s.state for s in statuses]
         combined = combine_states(states)
+        if combined.terminal:  # every task was polled: outcome() on this client reuses the answers
+            self._final.remember(
+                handle, {job.job_id: s for job, s in zip(handle.jobs, polled, strict=True) if s is not None}
+            )
         names = [s.vendor_status for s in statuses]
         unknown = sorted({n for n in names if n not in _STATES})
         if combined.terminal:
@@ -339,11 +354,15 @@ class AltcraftClient:
             ),
         )
 
-    def outcome(self, handle: JobHandle) -> JobOutcome:
+    def outcome(self, handle: JobHandle, *, status: JobStatus | None = None) -> JobOutcome:
+        """Per-profile results. They travel only in ``tasks/status``, so a task is read once here
+        unless this client's last ``status`` already read it ended; a terminal ``status`` cannot
+        spare that read (it holds no per-profile results)."""
         failures: list[RowFailure] = []
         notes: list[str] = []
         counts = {"created": 0, "updated": 0, "processed": 0, "failed": 0}
-        for job, task in zip(handle.jobs, self._statuses(handle), strict=True):
+        tasks = self._statuses(handle, known=self._final.get(handle))
+        for job, task in zip(handle.jobs, tasks, strict=True):
             if task is None or not task.state.terminal:
                 raise VendorError(
                     VENDOR,
@@ -359,15 +378,23 @@ class AltcraftClient:
             submitted=handle.submitted_rows, failures=failures, vendor_counts=counts, notes=notes
         )
 
-    def _statuses(self, handle: JobHandle, *, stop_when_running: bool = False) -> list[_TaskStatus | None]:
+    def _statuses(
+        self,
+        handle: JobHandle,
+        *,
+        stop_when_running: bool = False,
+        known: Mapping[str, _TaskStatus] | None = None,
+    ) -> list[_TaskStatus | None]:
         """One status per chunk (``None`` where not polled), ``max_in_flight`` polls at a time,
-        last chunk first since it is the one most likely still running; refused chunks need no call.
+        last chunk first since it is the one most likely still running; refused chunks and the
+        ``known`` (already ended) ones need no call.
         """
         refused: dict[str, str] = handle.extra.get("refused") or {}
         found: dict[str, _TaskStatus] = {
             job_id: _TaskStatus(REFUSED, reason=why) for job_id, why in refused.items()
         }
-        to_poll = [job.job_id for job in reversed(handle.jobs) if job.job_id not in refused]
+        found.update(known or {})
+        to_poll = [job.job_id for job in reversed(handle.jobs) if job.job_id not in found]
         wave = max(1, self.max_in_flight)
         if to_poll:
             with ThreadPoolExecutor(max_workers=min(wave, len(to_poll))) as pool:

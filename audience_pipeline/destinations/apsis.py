@@ -33,6 +33,11 @@ Protocol choices where the vendor document is vague (the sandbox agrees with eac
   a minute for clock skew), will never run: its rows fail with a reason saying to send them again.
 - A status word other than the four above is ``JobState.UNKNOWN`` (not final; the word is kept
   in ``vendor_status``).
+- ``outcome`` polls no part whose end is known: it reuses the answers this client's last
+  ``status`` read, and a terminal ``status=`` decides every part when it is ``SUCCEEDED`` (all
+  completed: only the reports are read) or when there is one part (its ``detail`` carries the
+  vendor's error detail). Only a failed import of several parts, in a client that did not poll
+  it, reads each part's status once, to tell which part failed and why.
 - ``destination(options, retry=...)`` applies one :class:`RetryPolicy` to every call, the token
   request included (the status sensor passes one without 429 so a tick never sleeps on it; the
   pending-import 429 of ``submit`` is handled here, not by the policy).
@@ -68,12 +73,14 @@ from audience_pipeline.destinations.base import (
     JobOutcome,
     JobState,
     JobStatus,
+    LastFinal,
     Reconciliation,
     RowFailure,
     SubmitIntent,
     cannot_reconcile,
     combine_states,
     every_row,
+    known_final,
     line_to_row,
 )
 from audience_pipeline.destinations.http import (
@@ -112,6 +119,8 @@ _STATES = {
     "completed": JobState.SUCCEEDED,
     "error": JobState.FAILED,
 }
+_PART_FAILURES = frozenset({"error", "upload_failed", "upload_url_expired"})
+"""The labels ``status`` gives a part that ended without importing (its ``vendor_status``)."""
 # Presigned-POST fields whose values are credentials (policy, signatures, session tokens).
 _SECRET_FIELD_WORDS = ("signature", "policy", "credential", "token", "secret", "security")
 
@@ -235,6 +244,13 @@ def _timestamp(value: object) -> float | None:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
+def _error_detail(result: dict[str, Any]) -> str:
+    """The vendor's explanation of an import that ended in ``error`` ("" when it gave none)."""
+    error = result.get("error") or {}
+    detail = error.get("detail") if isinstance(error, dict) else error
+    return str(detail or "")
+
+
 def _result(body: Any) -> dict[str, Any]:
     if isinstance(body, dict) and isinstance(body.get("result"), dict):
         return body["result"]
@@ -261,6 +277,7 @@ class ApsisClient:
         self._client_secret = client_secret
         self._clock = clock
         self._sleep = sleep
+        self._final: LastFinal[dict[str, Any]] = LastFinal()
         self._auth = BearerTokens(
             account_key(http.vendor, client_id, client_secret), self._fetch_token, cache=tokens, clock=clock
         )
@@ -360,8 +377,11 @@ class ApsisClient:
             ]
         return body
 
-    def submit(self, rows: pd.DataFrame, *, feed: str, partition: str) -> JobHandle:
-        """Split into parts under the size limit; request, then upload, one import per part."""
+    def submit(
+        self, rows: pd.DataFrame, *, feed: str, partition: str, previous: JobHandle | None = None
+    ) -> JobHandle:
+        """Split into parts under the size limit; request, then upload, one import per part
+        (``previous`` is not needed: every push is a new import)."""
         columns = self.options.upload_columns([c for c in rows.columns if c != "source_line"])
         request = self.import_request(columns)
         payload, bounds = serialise(rows[columns])
@@ -398,7 +418,9 @@ class ApsisClient:
             },
         )
 
-    def reconcile(self, intent: SubmitIntent, rows: pd.DataFrame) -> Reconciliation:
+    def reconcile(
+        self, intent: SubmitIntent, rows: pd.DataFrame, *, previous: JobHandle | None = None
+    ) -> Reconciliation:
         """APSIS cannot say whether a lost submit created imports: see the module docstring."""
         if self.options.update_existing_profiles:
             resend = "a resend updates the same profiles (update_existing_profiles), matched by key"
@@ -481,26 +503,65 @@ class ApsisClient:
         return JobState.PENDING, status
 
     def status(self, handle: JobHandle) -> JobStatus:
+        """Every part's status; an ended import's answers are kept for ``outcome`` (one read each).
+
+        ``detail`` carries the vendor's error detail (one part: the detail itself; several:
+        ``import <id>: <detail>`` each), so an ``outcome`` given this status needs no second poll.
+        """
         states: list[JobState] = []
         labels: list[str] = []
+        answers: dict[str, dict[str, Any]] = {}
+        errors: list[tuple[str, str]] = []
         for job in handle.jobs:
-            state, label = self._chunk_state(handle, job.job_id, self._import_status(handle, job.job_id))
+            result = self._import_status(handle, job.job_id)
+            answers[job.job_id] = result
+            state, label = self._chunk_state(handle, job.job_id, result)
             states.append(state)
             labels.append(label)
+            if label == "error":
+                errors.append((job.job_id, _error_detail(result) or "no detail given"))
         unique = sorted(set(labels))
+        combined = combine_states(states)
+        if combined.terminal:
+            self._final.remember(handle, answers)
+        if len(handle.jobs) == 1:
+            detail = errors[0][1] if errors else ""
+        else:
+            detail = "; ".join(f"import {job_id}: {text}" for job_id, text in errors)
         return JobStatus(
-            state=combine_states(states),
+            state=combined,
             vendor_status="+".join(unique) if unique else "nothing_submitted",
             progress=100.0 * sum(s.terminal for s in states) / len(states) if states else 100.0,
+            detail=detail,
         )
 
-    def outcome(self, handle: JobHandle) -> JobOutcome:
+    def _part_end(
+        self, handle: JobHandle, job: ChunkJob, seen: dict[str, dict[str, Any]], final: JobStatus | None
+    ) -> tuple[JobState, str, dict[str, Any]]:
+        """``(state, label, status answer)`` of one part, polled only when nothing known tells it:
+        the answer this client's last ``status`` read, or the import's terminal status when that
+        decides the part (every part completed, or the only part ended as it says)."""
+        if job.job_id in seen:
+            result = seen[job.job_id]
+        elif final is not None and final.state is JobState.SUCCEEDED:
+            return JobState.SUCCEEDED, "completed", {"status": "completed"}
+        elif final is not None and len(handle.jobs) == 1 and final.vendor_status in _PART_FAILURES:
+            return final.state, final.vendor_status, {"error": {"detail": final.detail}}
+        else:
+            result = self._import_status(handle, job.job_id)
+        return (*self._chunk_state(handle, job.job_id, result), result)
+
+    def outcome(self, handle: JobHandle, *, status: JobStatus | None = None) -> JobOutcome:
+        """Per-row results from each completed part's report; a part that ended otherwise fails
+        whole. A part's status is read only when neither this client's last ``status`` nor the
+        given terminal ``status`` tells it (a failed import of several parts, in a new process)."""
         failures: list[RowFailure] = []
         notes: list[str] = []
         counts = dict.fromkeys(("total", "processed", "created", "updated", "failed", "skipped"), 0)
+        seen = self._final.get(handle)
+        final = known_final(status)
         for job in handle.jobs:
-            result = self._import_status(handle, job.job_id)
-            state, label = self._chunk_state(handle, job.job_id, result)
+            state, label, result = self._part_end(handle, job, seen, final)
             if not state.terminal:
                 raise VendorError(
                     VENDOR,
@@ -526,8 +587,7 @@ class ApsisClient:
     def _whole_part_reason(self, handle: JobHandle, job: ChunkJob, label: str, result: dict[str, Any]) -> str:
         again = "re-run import_job with config force: true to send these rows again"
         if label == "error":
-            error = result.get("error") or {}
-            detail = error.get("detail") if isinstance(error, dict) else error
+            detail = _error_detail(result)
             return (
                 f"APSIS import {job.job_id} ended in error ({detail or 'no detail given'}); none of its "
                 f"{job.row_count} rows were imported; fix the cause, then {again}"
@@ -537,7 +597,11 @@ class ApsisClient:
                 f"APSIS import {job.job_id} never received its file: the upload failed "
                 f"({handle.extra['upload_errors'][job.job_id]}); {again}"
             )
-        expires = result.get("file_upload_url_expires_at") or "its expiry time"
+        expires = (
+            result.get("file_upload_url_expires_at")
+            or handle.extra.get("upload_url_expires_at", {}).get(job.job_id)
+            or "its expiry time"
+        )
         return (
             f"APSIS import {job.job_id} never received its file: the upload URL expired at {expires}; {again}"
         )

@@ -5,6 +5,14 @@ metadata so the status sensor can find it again); ``status`` is the cheap poll t
 ``outcome`` fetches the per-row result once a job is final, for the failure report. Rows are
 addressed by their position in the submitted frame (``row``), and the handle records which
 positions each vendor job (chunk) covers, so a vendor's line or index maps back to ``source_line``.
+
+Two optional keywords carry what the pipeline already knows, so no client has to ask again:
+``previous`` (``submit``, ``reconcile``) is the newest handle the feed recorded before, the
+pipeline's own state between pushes (Experience Platform keeps its audience id there; the other
+vendors ignore it); ``status`` (``outcome``) is the job's terminal status, already polled, so
+``outcome`` does not poll the status again where the vendor's results can be read without it.
+A client also remembers the per-job answers of the last import its own ``status`` saw end
+(:class:`LastFinal`), so ``status`` then ``outcome`` on one client reads each job once.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
@@ -152,15 +160,47 @@ def cannot_reconcile(vendor: str, why: str) -> Reconciliation:
 class Destination(Protocol):
     vendor: ClassVar[str]
 
-    def submit(self, rows: pd.DataFrame, *, feed: str, partition: str) -> JobHandle: ...
+    def submit(
+        self, rows: pd.DataFrame, *, feed: str, partition: str, previous: JobHandle | None = None
+    ) -> JobHandle: ...
 
-    def reconcile(self, intent: SubmitIntent, rows: pd.DataFrame) -> Reconciliation: ...
+    def reconcile(
+        self, intent: SubmitIntent, rows: pd.DataFrame, *, previous: JobHandle | None = None
+    ) -> Reconciliation: ...
 
     def status(self, handle: JobHandle) -> JobStatus: ...
 
-    def outcome(self, handle: JobHandle) -> JobOutcome: ...
+    def outcome(self, handle: JobHandle, *, status: JobStatus | None = None) -> JobOutcome: ...
 
     def close(self) -> None: ...
+
+
+T = TypeVar("T")
+
+
+class LastFinal(Generic[T]):
+    """The per-job answers (by job id) of the last import a client's ``status`` saw end.
+
+    ``outcome`` right after ``status`` on the same client (the report's path) reuses them instead
+    of polling the jobs again. One import only: a finished job's answer can hold its whole per-row
+    result (Altcraft), and a sensor tick polls many imports with one client. One attribute holds
+    key and answers together, so the sensor's polling threads never see them mismatched.
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[str, dict[str, T]] = ("", {})
+
+    def remember(self, handle: JobHandle, answers: dict[str, T]) -> None:
+        self._last = (handle.key, dict(answers))
+
+    def get(self, handle: JobHandle) -> dict[str, T]:
+        key, answers = self._last
+        return answers if key == handle.key else {}
+
+
+def known_final(status: JobStatus | None) -> JobStatus | None:
+    """``status`` when it is terminal; a caller passing a status still running is ignored."""
+    return status if status is not None and status.state.terminal else None
 
 
 def every_row(job: ChunkJob, reason: str) -> list[RowFailure]:

@@ -17,6 +17,8 @@ Protocol choices where the vendor document is vague (the sandbox agrees with eac
 - A PUT of a new file is not retried after the request may have arrived (dropped connection,
   read timeout), although PUT is idempotent in HTTP: each PUT starts an import job, and a
   repeated one would import the file twice. The next attempt reconciles instead.
+- ``outcome`` reads only the job's failures (they carry its final state and counts), never its
+  status, so a terminal ``status=`` needs nothing else.
 - Reconciling a submit whose answer was lost uses only documented fields: the import found by
   name, its ``asyncJobId`` (the latest job) and ``updatedAt``/``createdAt``. A job this pipeline
   never recorded, on an import created or updated after the intent was written (less
@@ -128,8 +130,12 @@ class CommunicateXIClient:
                 return item
         return None
 
-    def submit(self, rows: pd.DataFrame, *, feed: str, partition: str) -> JobHandle:
-        """Create the import on first use, else PUT the new file to it (a 409 on create = raced)."""
+    def submit(
+        self, rows: pd.DataFrame, *, feed: str, partition: str, previous: JobHandle | None = None
+    ) -> JobHandle:
+        """Create the import on first use, else PUT the new file to it (a 409 on create = raced).
+
+        ``previous`` is not needed: the documented list finds the import by name."""
         columns = [c for c in rows.columns if c != "source_line"]
         payload = to_csv_bytes(rows[columns])
         file_name = self.options.file_name or f"{feed}.csv"
@@ -151,7 +157,9 @@ class CommunicateXIClient:
             )
         return _handle(data, feed=feed, partition=partition, rows=len(rows), created=created)
 
-    def reconcile(self, intent: SubmitIntent, rows: pd.DataFrame) -> Reconciliation:
+    def reconcile(
+        self, intent: SubmitIntent, rows: pd.DataFrame, *, previous: JobHandle | None = None
+    ) -> Reconciliation:
         """Did the submit recorded in ``intent`` reach Communicate XI? (See the module docstring.)"""
         existing = self.find_import(self.options.import_name)
         if existing is None:
@@ -198,7 +206,9 @@ class CommunicateXIClient:
             progress=data.get("progressPercentage"),
         )
 
-    def outcome(self, handle: JobHandle) -> JobOutcome:
+    def outcome(self, handle: JobHandle, *, status: JobStatus | None = None) -> JobOutcome:
+        """The job's failures; never a status poll (``status`` is not needed: the failures
+        answer carries the final state and counts)."""
         job = handle.jobs[0]
         data = self.http.json("GET", f"{IMPORTS}/async-jobs/{job.job_id}/failures")["data"]
         failures: dict[int, list[str]] = {}

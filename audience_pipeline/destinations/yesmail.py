@@ -3,7 +3,21 @@
 Protocol choices where the vendor document is vague (the sandbox agrees with each):
 - ``POST {base}/v2/target-lists/{list}/members/import`` with ``Api-User``/``Api-Key`` headers and
   ``{"importType", "errorThreshold", "members": [...]}``; 202 names the ticket in
-  ``Content-Location`` (``.../v2/tickets/{id}``), which is followed as given.
+  ``Content-Location`` (``.../v2/tickets/{id}``). It is resolved against the request's URL as
+  RFC 9110 says (RFC 3986 reference resolution): an absolute URL is used as is, an absolute path
+  (``/v2/tickets/{id}``) replaces the request's path, a relative one resolves against it. So a
+  ``base_url`` with a path prefix (a gateway) is never prefixed twice. The handle keeps the
+  resolved URL with ``{id}``; without a usable ``Content-Location`` it is the documented
+  ``/v2/tickets/{id}`` under ``base_url``. A ticket's ``response.location`` is resolved against
+  the ticket's URL the same way.
+- A ticket that answers 404 raises a :class:`VendorHTTPError` whose detail names the ticket. The
+  status sensor counts a 4xx other than 408/429 as a permanent poll error, keeps the count of
+  consecutive ones in its own persisted per-import state (so it survives a client built anew,
+  and restarts), and ends the import ``poll_failed`` after the destination's ``max_poll_errors``
+  in a row; the report then fails the import's rows with that error as the reason, instead of the
+  import being polled until its time limit. The client keeps no count of its own: it may be
+  rebuilt between polls and cannot update the handle, and a second count could only disagree
+  with the sensor's.
 - A member is ``{"id", ...attributes}``: ``id`` is the feed's ``id_field`` column (``email`` by
   default), lower-cased when it is an email (the vendor refuses upper case); attributes are the
   ``attributes`` option (Yesmail attribute name → canonical column); empty cells are left out,
@@ -25,6 +39,10 @@ Protocol choices where the vendor document is vague (the sandbox agrees with eac
   results' counts, with ``processed`` = ``completed``.
 - A ticket state other than the five above is ``JobState.UNKNOWN``: the import is not final while
   any ticket is in one, and ``vendor_status`` names that word.
+- ``outcome`` reuses the tickets this client's last ``status`` read ended (the report's
+  ``status`` then ``outcome``); otherwise it reads each ticket once, because its
+  ``response.location`` is the only way to the results. A terminal ``status=`` passed to it holds
+  no locations, so it cannot spare that read.
 - ``destination(options, retry=...)`` applies one :class:`RetryPolicy` to every call (the status
   sensor passes one without 429, so a tick fails at once instead of sleeping for ``Retry-After``).
 - A submit whose answer was lost cannot be reconciled: the document has no way to list the
@@ -43,10 +61,12 @@ import re
 import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 from urllib.parse import quote, urlencode
 
 import dagster as dg
+import httpx
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -58,6 +78,7 @@ from audience_pipeline.destinations.base import (
     JobOutcome,
     JobState,
     JobStatus,
+    LastFinal,
     Reconciliation,
     RowFailure,
     SubmitIntent,
@@ -146,6 +167,7 @@ class YesmailClient:
         self.max_request_bytes = max_request_bytes
         self._limit = max_members_per_request
         self._limit_lock = threading.Lock()
+        self._final: LastFinal[_Ticket] = LastFinal()
 
     def close(self) -> None:
         self.http.close()
@@ -173,7 +195,10 @@ class YesmailClient:
         )
         return head[:-1].encode() + b',"members":[', b"]}"
 
-    def submit(self, rows: pd.DataFrame, *, feed: str, partition: str) -> JobHandle:
+    def submit(
+        self, rows: pd.DataFrame, *, feed: str, partition: str, previous: JobHandle | None = None
+    ) -> JobHandle:
+        """Post the members in batches, one ticket each (``previous`` is not needed)."""
         head, tail = self._envelope()
         path = f"/v2/target-lists/{quote(self.options.target_list, safe='')}/members/import"
         template: dict[str, str] = {}
@@ -237,7 +262,9 @@ class YesmailClient:
             },
         )
 
-    def reconcile(self, intent: SubmitIntent, rows: pd.DataFrame) -> Reconciliation:
+    def reconcile(
+        self, intent: SubmitIntent, rows: pd.DataFrame, *, previous: JobHandle | None = None
+    ) -> Reconciliation:
         """Yesmail cannot say whether a lost submit created tickets: see the module docstring."""
         if self.options.import_type == "update":
             resend = "importType update upserts each member by id, writing the same values again"
@@ -261,9 +288,17 @@ class YesmailClient:
             trailing_comma=True,
         )
 
-    def _ticket_id(self, response: Any, template: dict[str, str]) -> str:
+    def _ticket_id(self, response: httpx.Response, template: dict[str, str]) -> str:
+        """The ticket's id, and (once per submit) the URL template of its tickets in ``template``.
+
+        ``Content-Location`` is resolved against the request's URL (RFC 9110 §8.7, RFC 3986 §5):
+        absolute as is, ``/v2/tickets/x`` replaces the path, so a ``base_url`` with a path prefix
+        (a gateway) never gets the prefix twice.
+        """
         location = response.headers.get("Content-Location", "")
-        ticket_id = location.rstrip("/").rsplit("/", 1)[-1] if "/tickets/" in location else ""
+        resolved = response.request.url.join(location) if location else None
+        path = resolved.path if resolved is not None else ""
+        ticket_id = path.rstrip("/").rsplit("/", 1)[-1] if "/tickets/" in path else ""
         if not ticket_id:
             body = response.json() if response.content else {}
             ticket_id = str(body.get("id") or "") if isinstance(body, dict) else ""
@@ -271,13 +306,38 @@ class YesmailClient:
             raise VendorError(
                 VENDOR, "POST", "members/import", code="unexpected_response", detail="no ticket"
             )
-        if location and "url" not in template:
-            template["url"] = location[: -len(ticket_id)] + "{id}"
+        if resolved is not None and "/tickets/" in path and "url" not in template:
+            url = str(resolved.copy_with(query=None, fragment=None))
+            at = url.rfind(ticket_id)
+            if at >= 0:  # else (an id that needs escaping) the documented path, under base_url
+                template["url"] = url[:at] + "{id}" + url[at + len(ticket_id) :]
         return ticket_id
 
-    def _ticket(self, handle: JobHandle, job: ChunkJob) -> dict[str, Any]:
+    def _ticket(self, handle: JobHandle, job: ChunkJob) -> _Ticket:
+        """One ticket and the URL it was read from (its results location is relative to that).
+
+        A 404 raises :class:`VendorHTTPError` naming the ticket: the status sensor counts it as
+        a permanent poll error (see the module docstring).
+        """
         url = str(handle.extra.get("ticket_url", "/v2/tickets/{id}")).replace("{id}", job.job_id)
-        ticket = self.http.json("GET", url)
+        try:
+            response = self.http.request("GET", url)
+        except VendorHTTPError as exc:
+            if exc.status != 404:
+                raise
+            raise VendorHTTPError(
+                VENDOR,
+                exc.method,
+                exc.url,
+                status=404,
+                code=exc.code,
+                detail=f"ticket {job.job_id} not found: {exc.detail or 'no detail given'}",
+                attempts=exc.attempts,
+            ) from None
+        try:
+            ticket = response.json()
+        except ValueError:
+            ticket = None
         if not isinstance(ticket, dict):
             raise VendorError(
                 VENDOR, "GET", url, code="unexpected_response", detail="ticket is not an object"
@@ -288,7 +348,7 @@ class YesmailClient:
             raise VendorError(
                 VENDOR, "GET", url, code="ticket_mismatch", detail=f"ticket {job.job_id} belongs to {ref}"
             )
-        return ticket
+        return _Ticket(ticket, response.request.url)
 
     def _map(self, handle: JobHandle, fn, jobs: list[ChunkJob]) -> list:
         if len(jobs) == 1:
@@ -299,15 +359,20 @@ class YesmailClient:
     def status(self, handle: JobHandle) -> JobStatus:
         """Polls tickets a window at a time and stops at a window with one still running."""
         states: list[str] = []
+        read: dict[str, _Ticket] = {}
         window = self.max_in_flight * 2
         for start in range(0, len(handle.jobs), window):
-            tickets = self._map(handle, self._ticket, handle.jobs[start : start + window])
-            states += [str(t.get("state")) for t in tickets]
+            jobs = handle.jobs[start : start + window]
+            tickets = self._map(handle, self._ticket, jobs)
+            read.update(zip((job.job_id for job in jobs), tickets, strict=True))
+            states += [str(t.body.get("state")) for t in tickets]
             if not all(_state(s).terminal for s in states[-len(tickets) :]):
                 break
         known = [_state(s) for s in states]
         known += [JobState.PENDING] * (len(handle.jobs) - len(states))
         state = combine_states(known)
+        if state.terminal:  # every ticket was read: outcome() on this client reuses them
+            self._final.remember(handle, read)
         unknown = sorted({s for s in states if s not in _STATES})
         if state is JobState.SUCCEEDED:
             vendor_status = "completed"
@@ -325,19 +390,24 @@ class YesmailClient:
             state=state, vendor_status=vendor_status, progress=100 * done / len(known), detail=detail
         )
 
-    def _results(self, handle: JobHandle, job: ChunkJob) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        ticket = self._ticket(handle, job)
-        location = (ticket.get("response") or {}).get("location")
-        results = self.http.json("GET", location) if location else None
-        return ticket, results
+    def _results(
+        self, handle: JobHandle, job: ChunkJob, seen: dict[str, _Ticket]
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        ticket = seen.get(job.job_id) or self._ticket(handle, job)
+        location = (ticket.body.get("response") or {}).get("location")
+        results = self.http.json("GET", ticket.url.join(str(location))) if location else None
+        return ticket.body, results
 
-    def outcome(self, handle: JobHandle) -> JobOutcome:
+    def outcome(self, handle: JobHandle, *, status: JobStatus | None = None) -> JobOutcome:
+        """Per-member results of every ticket. A ticket is read again only when this client's
+        last ``status`` did not read it ended: its ``response.location`` is the only way to the
+        results, so a terminal ``status`` (which holds no locations) cannot spare that read."""
         failures: list[RowFailure] = []
         notes: list[str] = []
         counts = {"requested": 0, "total": 0, "completed": 0, "failed": 0, "ignored": 0}
-        for job, (ticket, results) in zip(
-            handle.jobs, self._map(handle, self._results, handle.jobs), strict=True
-        ):
+        seen = self._final.get(handle)
+        results_of = self._map(handle, lambda h, job: self._results(h, job, seen), handle.jobs)
+        for job, (ticket, results) in zip(handle.jobs, results_of, strict=True):
             job_failures, job_notes = _job_failures(job, ticket, results)
             failures += job_failures
             notes += job_notes
@@ -348,6 +418,14 @@ class YesmailClient:
         return JobOutcome(
             submitted=handle.submitted_rows, failures=failures, vendor_counts=counts, notes=notes
         )
+
+
+@dataclass(frozen=True)
+class _Ticket:
+    """A ticket's JSON and the absolute URL it came from (relative locations resolve against it)."""
+
+    body: dict[str, Any]
+    url: httpx.URL
 
 
 def _job_failures(

@@ -24,6 +24,7 @@ from audience_pipeline.redact import redact_url
 
 CANONICAL_FIELDS = ("unique_id", "email", "mobile_phone", "first_name", "last_name")
 AttributeType = Literal["string", "date", "integer", "number", "boolean"]
+InvalidOptionalFields = Literal["clear", "reject"]
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]*$"
 _NAME_RE = re.compile(NAME_PATTERN)
 
@@ -434,7 +435,11 @@ class AlertsConfig(StrictModel):
 
 
 class Feed(StrictModel):
-    """One HR source bound to one destination."""
+    """One HR source bound to one destination.
+
+    ``invalid_optional_fields`` decides what an invalid value in an optional column (an email or
+    phone when both are mapped, names, attributes that are not ``required``) does to its row.
+    """
 
     name: str = Field(pattern=NAME_PATTERN)
     source: str
@@ -443,6 +448,10 @@ class Feed(StrictModel):
     description: str | None = None
     default_phone_region: str = Field(default="US", min_length=2, max_length=2)
     max_rejection_rate: float = Field(default=0.05, ge=0.0, le=1.0)
+    invalid_optional_fields: InvalidOptionalFields = "clear"
+    """``clear`` (default): the invalid value is emptied and the row imported without it, listed in
+    the report as a ``warning``; the row is rejected only when neither a valid email nor a valid
+    phone is left. ``reject``: the row is rejected, as a required field's problem would."""
     allow_empty: bool = False
     """A file with a header and no rows is refused unless the audience may really become empty."""
     max_file_bytes: int = Field(default=2 * 1024**3, gt=0)

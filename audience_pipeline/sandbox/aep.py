@@ -12,9 +12,14 @@ Paths under the vendor prefix ``/aep``:
 - ``PUT|GET /dlz/<container>/<blob>?<SAS>`` (``x-ms-blob-type: BlockBlob`` on PUT) → 201 with
   ``Last-Modified``; Azure-style XML errors (403 ``AuthenticationFailed`` for a forged or expired
   SAS, with ``AuthenticationErrorDetail``; 413, 400) and the ``x-ms-error-code`` header.
-- Under ``/data/core/ais``: ``POST /external-audience/``, ``GET /external-audiences?customAudienceId=``,
-  ``GET /external-audiences/operations/{id}``, ``GET|PATCH|DELETE /external-audience/{id}``,
-  ``POST|GET /external-audience/{id}/runs``, ``GET /external-audience/{id}/runs/{runId}``.
+- Under ``/data/core/ais``, as the document shows them: ``POST /external-audience/``,
+  ``GET /external-audiences/operations/{id}`` (``audienceId`` once the creation succeeded),
+  ``GET|PATCH|DELETE /external-audience/{id}``, ``POST|GET /external-audience/{id}/runs``,
+  ``GET /external-audience/{id}/runs/{runId}``.
+- ``GET /external-audiences?customAudienceId=`` → ``{"audiences": [...]}`` is *not* in the
+  document, so it answers 404 (100940) like a path the Platform does not have, unless
+  ``POST /_sandbox/aep/lookup {"enabled": true}`` turns it on (to exercise a client's optional
+  fallback for a lost ``audienceId``).
 
 Platform calls need ``Authorization: Bearer`` (a token from the IMS route), ``x-api-key`` (the
 client id), ``x-gw-ims-org-id`` and ``x-sandbox-name``; errors are ``{error_code, title, message,
@@ -35,8 +40,9 @@ a real Platform connection holds the same endpoint and keys); an unknown ``baseC
 
 Control routes under ``/_sandbox/aep`` (no auth): ``POST /connections`` ``{id, endpoint_url,
 access_key_id, secret_access_key, region}``; ``POST /fail-next`` ``{stage, message}`` fails the next
-job at that stage; ``POST /limits`` ``{runs_per_day}``; ``POST /expire-tokens``; ``GET /audiences``
-(internal view with the rows each job ingested).
+job at that stage; ``POST /limits`` ``{runs_per_day}``; ``POST /lookup`` ``{enabled}`` (the
+undocumented audience listing above); ``POST /expire-tokens``; ``GET /audiences`` (internal view
+with the rows each job ingested).
 """
 
 from __future__ import annotations
@@ -174,6 +180,7 @@ class AepVendor:
         self._fail_next: list[tuple[str, str]] = []
         self._runs_per_day = 100
         self._runs_today: list[float] = []
+        self._lookup = False
 
     def reset(self) -> None:
         with self._lock:
@@ -219,6 +226,7 @@ class AepVendor:
             Route("/connections", self._add_connection, methods=["POST"]),
             Route("/fail-next", self._add_failure, methods=["POST"]),
             Route("/limits", self._set_limits, methods=["POST"]),
+            Route("/lookup", self._set_lookup, methods=["POST"]),
             Route("/expire-tokens", self._expire_tokens, methods=["POST"]),
             Route("/audiences", self._internal_view, methods=["GET"]),
         ]
@@ -392,6 +400,9 @@ class AepVendor:
     async def _list(self, request: Request) -> Response:
         wanted = request.query_params.get("customAudienceId")
         with self._lock:
+            if not self._lookup:
+                where = request.url.path
+                raise AepError(404, "100940", f"No resource at {where} (not in the external audiences API)")
             found = [
                 a.body()
                 for a in self._audiences.values()
@@ -625,6 +636,15 @@ class AepVendor:
         with self._lock:
             self._runs_per_day = int(payload.get("runs_per_day", self._runs_per_day))
         return JSONResponse({"ok": True, "runs_per_day": self._runs_per_day})
+
+    async def _set_lookup(self, request: Request) -> Response:
+        payload = await request.json()
+        if not isinstance(payload, dict) or not isinstance(payload.get("enabled"), bool):
+            error = {"code": "invalid_request", "message": "need {enabled: true|false}"}
+            return JSONResponse({"error": error}, 400)
+        with self._lock:
+            self._lookup = payload["enabled"]
+        return JSONResponse({"ok": True, "enabled": self._lookup})
 
     async def _expire_tokens(self, request: Request) -> Response:
         with self._lock:

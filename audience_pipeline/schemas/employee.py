@@ -20,10 +20,9 @@ import pyarrow as arrow
 import pyarrow.compute as pc
 
 from audience_pipeline.feeds.model import AttributeSpec, FieldMapping
-from audience_pipeline.normalize import (
-    E164_PATTERN as E164_PATTERN,
-)  # re-exported: the rule e164_mask applies
-from audience_pipeline.normalize import e164_mask, iso_date_mask
+from audience_pipeline.normalize import iso_date_mask
+from audience_pipeline.phones import E164_PATTERN as E164_PATTERN  # re-exported: the shape it checks
+from audience_pipeline.phones import valid_e164_mask
 
 EMAIL_PATTERN = (
     r"^[a-z0-9.!#$%&'*+/=?^_`{|}~-]+@"
@@ -35,7 +34,10 @@ REASONS: dict[str, str] = {
     "not_nullable": "is empty but required",
     "unique_value": "duplicates a value first seen on line {first_line}",
     "email_format": "is not a valid email address",
-    "e164_phone": "is not a phone number that can be written in E.164 (+ country code and number)",
+    "e164_phone": (
+        "is not a valid phone number (its country's numbering plan has no such number; without + or 00 "
+        "it is read as a number of the feed's default_phone_region)"
+    ),
     "iso_date": "is not a valid date{format_hint}",
     "integer": "is not a whole number",
     "number": "is not a number",
@@ -165,7 +167,7 @@ def employee_schema(mapping: FieldMapping) -> pa.DataFrameSchema:
         )
     if mapping.mobile_phone:
         columns["mobile_phone"] = pa.Column(
-            "str", nullable=both_channels, checks=[_mask_check("e164_phone", e164_mask)]
+            "str", nullable=both_channels, checks=[_mask_check("e164_phone", valid_e164_mask)]
         )
     for name in ("first_name", "last_name"):
         if getattr(mapping, name):

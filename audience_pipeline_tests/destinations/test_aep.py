@@ -47,7 +47,8 @@ class FakeAep:
     sas_refusals: int = 0
     sas_error: str = "AuthenticationFailed"
     runs: list[dict[str, Any]] = field(default_factory=list)
-    operations: dict[str, dict[str, Any]] | None = None
+    operations: dict[str, dict[str, Any] | list[dict[str, Any]]] | None = None
+    """Operation id -> its answer, or answers in turn (the last one stays)."""
     refuse: dict[str, int] = field(default_factory=dict)
     """Path suffix -> status answered for GETs of it (e.g. an endpoint the vendor does not offer)."""
 
@@ -92,16 +93,21 @@ class FakeAep:
         if path == f"{AIS}/external-audiences":
             return httpx.Response(200, json={"audiences": self.audiences})
         if path == f"{AIS}/external-audience/" and method == "POST":
-            return httpx.Response(
-                202, json={"operationId": "op-1", "operationDetails": json.loads(request.content)}
-            )
+            body = json.loads(request.content)
+            if any(a.get("customAudienceId") == body["customAudienceId"] for a in self.audiences):
+                message = f"An external audience with customAudienceId {body['customAudienceId']!r} exists"
+                return httpx.Response(409, json={"error_code": "100950-409", "message": message})
+            return httpx.Response(202, json={"operationId": "op-1", "operationDetails": body})
         if path.startswith(f"{AIS}/external-audiences/operations/"):
             if self.operations is None:
                 return httpx.Response(200, json={"operationId": "op-1", **self.run_status})
             op_id = path.rsplit("/", 1)[-1]
             if op_id not in self.operations:
                 return httpx.Response(404, json={"error_code": "100940-404", "message": op_id})
-            return httpx.Response(200, json={"operationId": op_id, **self.operations[op_id]})
+            answer = self.operations[op_id]
+            if isinstance(answer, list):
+                answer = answer.pop(0) if len(answer) > 1 else answer[0]
+            return httpx.Response(200, json={"operationId": op_id, **answer})
         if path.endswith("/runs") and method == "POST":
             if self.conflicts:
                 self.conflicts -= 1
@@ -113,8 +119,11 @@ class FakeAep:
             return httpx.Response(200, json={"runId": "run-1", **self.run_status})
         if method == "PATCH":
             return httpx.Response(200, json={})
-        if method == "GET":
-            return httpx.Response(200, json={**self.audiences[0], "status": "ACTIVE"})
+        if method == "GET" and path.startswith(f"{AIS}/external-audience/"):
+            wanted = path.rsplit("/", 1)[-1]
+            for audience in self.audiences:
+                if audience["audienceId"] == wanted:
+                    return httpx.Response(200, json={**audience, "status": "ACTIVE"})
         return httpx.Response(404, json={"error_code": "100940-404", "message": path})
 
     def bodies(self, method: str, suffix: str) -> list[dict[str, Any]]:
@@ -520,4 +529,183 @@ def test_the_retry_policy_reaches_platform_and_ims_so_a_sensor_429_raises_at_onc
     sleeps: list[float] = []
     check_poll_retry(
         lambda retry: _resource_client(monkeypatch, handler, sleeps, retry), handle, sleeps, aep._TOKENS.clear
+    )
+
+
+# --- the audience id lives in the pipeline's state, not in an undocumented lookup ------------------
+
+NO_LOOKUP = {"/external-audiences": 404}
+"""The audience list is not in the vendor document: a Platform without it answers 404."""
+
+
+def _calls(fake: FakeAep, method: str, path: str, since: int = 0) -> int:
+    return sum(r.method == method and r.url.path == path for r in fake.requests[since:])
+
+
+def _run_handle(audience_id: str = "aud-1", custom_id: str = "audience_pipeline.staff") -> JobHandle:
+    job = ChunkJob(job_id="run-0", first_row=0, row_count=3)
+    extra = {"custom_audience_id": custom_id, "kind": "run", "audience_id": audience_id}
+    return JobHandle(vendor=VENDOR, feed="staff", partition="p@0", jobs=[job], submitted_rows=3, extra=extra)
+
+
+@pytest.mark.parametrize("status", [404, 405])
+def test_first_push_creates_the_audience_when_the_lookup_endpoint_does_not_exist(status: int) -> None:
+    fake = FakeAep(refuse={"/external-audiences": status})
+    handle = make_client(fake).submit(rows(), feed="staff", partition="p@1")
+
+    assert handle.extra["kind"] == "operation" and handle.jobs[0].job_id == "op-1"
+    assert len(fake.bodies("POST", "/external-audience/")) == 1
+    assert _calls(fake, "GET", f"{AIS}/external-audiences") == 1  # the optional fallback, tolerated
+
+
+def test_later_pushes_take_the_audience_id_from_the_previous_handle_never_the_lookup() -> None:
+    fake = FakeAep(refuse=dict(NO_LOOKUP))
+    first = make_client(fake).submit(rows(), feed="staff", partition="p@1")
+    # The creation succeeded on the vendor's side; only its operation names the audience.
+    fake.audiences = [existing_audience()]
+    fake.operations = {"op-1": {"status": "SUCCESS", "audienceId": "aud-1"}}
+    before = len(fake.requests)
+
+    second = make_client(fake).submit(rows(), feed="staff", partition="p@2", previous=first)
+
+    assert second.extra["kind"] == "run" and second.extra["audience_id"] == "aud-1"
+    assert _calls(fake, "GET", f"{AIS}/external-audiences/operations/op-1", before) == 1
+    assert _calls(fake, "GET", f"{AIS}/external-audiences", before) == 0
+    assert len(fake.bodies("POST", "/external-audience/")) == 1
+    before = len(fake.requests)
+
+    third = make_client(fake).submit(rows(), feed="staff", partition="p@3", previous=second)
+
+    assert third.extra["audience_id"] == "aud-1" and third.extra["kind"] == "run"
+    assert _calls(fake, "GET", f"{AIS}/external-audiences", before) == 0
+    assert not any("/operations/" in r.url.path for r in fake.requests[before:])
+
+
+def test_a_previous_creation_still_running_is_waited_for() -> None:
+    fake = FakeAep(
+        refuse=dict(NO_LOOKUP),
+        audiences=[existing_audience()],
+        operations={"op-1": [{"status": "PROCESSING"}, {"status": "SUCCESS", "audienceId": "aud-1"}]},
+    )
+    previous = make_client(FakeAep()).submit(rows(), feed="staff", partition="p@1")
+    sleeps: list[float] = []
+
+    handle = make_client(fake, sleeps).submit(rows(), feed="staff", partition="p@2", previous=previous)
+
+    assert sleeps == [0.5] and handle.extra["audience_id"] == "aud-1"
+
+
+def test_a_previous_creation_that_failed_means_creating_it_again_without_a_lookup() -> None:
+    fake = FakeAep(refuse=dict(NO_LOOKUP), operations={"op-1": {"status": "FAILED", "errors": []}})
+    previous = make_client(FakeAep()).submit(rows(), feed="staff", partition="p@1")
+
+    handle = make_client(fake).submit(rows(), feed="staff", partition="p@2", previous=previous)
+
+    assert handle.extra["kind"] == "operation" and _calls(fake, "GET", f"{AIS}/external-audiences") == 0
+
+
+@pytest.mark.parametrize(
+    "previous",
+    [
+        pytest.param(_run_handle("aud-gone"), id="remembered-audience-deleted"),
+        pytest.param(_run_handle("aud-1", custom_id="another.audience"), id="another-custom-audience-id"),
+        pytest.param(None, id="no-state"),
+    ],
+)
+def test_without_a_usable_record_the_lookup_is_the_fallback_then_creation(previous: JobHandle | None) -> None:
+    fake = FakeAep(refuse=dict(NO_LOOKUP))
+    handle = make_client(fake).submit(rows(), feed="staff", partition="p@2", previous=previous)
+    assert handle.extra["kind"] == "operation" and _calls(fake, "GET", f"{AIS}/external-audiences") == 1
+
+
+def test_the_audience_id_option_is_used_as_is() -> None:
+    other = existing_audience(audienceId="aud-9", customAudienceId="made.elsewhere")
+    fake = FakeAep(refuse=dict(NO_LOOKUP), audiences=[other])
+
+    handle = make_client(fake, audience_id="aud-9").submit(rows(), feed="staff", partition="p@2")
+
+    assert handle.extra["kind"] == "run" and handle.extra["audience_id"] == "aud-9"
+    assert fake.bodies("POST", "/external-audience/") == []
+    assert _calls(fake, "GET", f"{AIS}/external-audiences") == 0
+    with pytest.raises(VendorHTTPError) as caught:
+        make_client(fake, audience_id="aud-x").submit(rows(), feed="staff", partition="p@3")
+    assert caught.value.status == 404 and "no audience 'aud-x'" in str(caught.value)
+    assert "audience_id under the feed's options: in the feeds file" in str(caught.value)
+
+
+def test_a_409_with_no_way_to_find_the_audience_says_which_option_to_set() -> None:
+    fake = FakeAep(refuse=dict(NO_LOOKUP), audiences=[existing_audience()])  # exists, but unfindable
+
+    with pytest.raises(VendorHTTPError) as caught:
+        make_client(fake).submit(rows(), feed="staff", partition="p@1")
+
+    message = str(caught.value)
+    assert caught.value.status == 409
+    assert "customAudienceId 'audience_pipeline.staff'" in message and "'All staff'" in message
+    assert "Set audience_id: <that audience's id> under options: of feed 'staff' in the feeds file" in message
+    assert fake.bodies("POST", "/runs") == []
+
+
+def test_a_409_whose_audience_the_lookup_finds_starts_a_run() -> None:
+    fake = FakeAep(audiences=[existing_audience()])
+    listed = fake.audiences
+    fake.audiences = []  # the first lookup misses it (created meanwhile), the create then meets it
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == f"{AIS}/external-audience/":
+            fake.audiences = listed
+        return fake(request)
+
+    client = make_client(fake)
+    client.http._client._transport = httpx.MockTransport(handler)
+    handle = client.submit(rows(), feed="staff", partition="p@1")
+    assert handle.extra["kind"] == "run" and handle.extra["audience_id"] == "aud-1"
+
+
+def test_reconcile_finds_the_remembered_audience_when_the_lookup_answers_404() -> None:
+    runs = [run("run-0", RECORDED_AT - 86_400), run("run-7", RECORDED_AT - 30)]
+    fake = FakeAep(audiences=[dlz_audience()], runs=runs, refuse=dict(NO_LOOKUP))
+
+    found = make_client(fake).reconcile(intent("run-0"), rows(), previous=_run_handle())
+
+    assert found.certain and found.handle is not None and found.handle.jobs[0].job_id == "run-7"
+    assert found.handle.extra["source_path"] == "dlz-user-container/hr/staff.csv"
+    assert _calls(fake, "GET", f"{AIS}/external-audiences") == 0
+    lost = make_client(fake).reconcile(intent("run-0"), rows())
+    assert (lost.handle, lost.certain) == (None, False) and "answered 404" in lost.detail
+
+
+# --- outcome never polls a job whose end is known ------------------------------------------------
+
+
+def _job_reads(fake: FakeAep, since: int) -> int:
+    return sum("/runs/" in r.url.path or "/operations/" in r.url.path for r in fake.requests[since:])
+
+
+def test_outcome_reuses_the_final_status_instead_of_polling_again() -> None:
+    details = [{"stage": "PROFILE_STORE_INGEST", "status": "FAILED", "message": "store down"}]
+    fake = FakeAep(audiences=[existing_audience()], run_status={"status": "FAILED", "details": details})
+    client = make_client(fake)
+    handle = client.submit(rows(), feed="staff", partition="p@2")
+    status = client.status(handle)
+    assert status.state is JobState.FAILED
+    before = len(fake.requests)
+
+    same_client = client.outcome(handle, status=status)
+    report_process = make_client(fake).outcome(handle, status=status)  # the report's own client
+
+    assert fake.requests[before:] == []
+    for outcome in (same_client, report_process):
+        assert outcome.imported == 0 and outcome.failed == 3
+        assert "stage PROFILE_STORE_INGEST FAILED: store down" in outcome.failures[0].reason
+    assert client.outcome(handle).failed == 3 and _job_reads(fake, before) == 0  # status() was enough
+
+
+def test_outcome_without_a_known_status_reads_the_job_once() -> None:
+    fake = FakeAep(run_status={"status": "SUCCESS", "audienceId": "aud-3"})
+    handle = make_client(fake).submit(rows(), feed="staff", partition="p@1")
+    before = len(fake.requests)
+    outcome = make_client(fake).outcome(handle)
+    assert (
+        _job_reads(fake, before) == 1 and "audience aud-3 created (audience_pipeline.staff)" in outcome.notes
     )

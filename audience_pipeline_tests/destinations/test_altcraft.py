@@ -582,3 +582,17 @@ def test_the_retry_policy_reaches_the_http_client_so_a_sensor_429_raises_at_once
     handle = JobHandle(vendor=VENDOR, feed="f", partition="p", jobs=[job], submitted_rows=1)
 
     check_poll_retry(lambda retry: resource.destination({"trigger_id": 5}, retry=retry), handle, sleeps)
+
+
+def test_outcome_does_not_poll_tasks_status_already_read_ended(make_client, fake: FakeAltcraft) -> None:
+    client = make_client(limits={"max_profiles": 2})
+    handle = client.submit(rows(5), feed="f", partition="p")
+    status = client.status(handle)
+    assert status.state is JobState.SUCCEEDED and len(fake.polled) == 3
+    fake.polled.clear()
+
+    assert client.outcome(handle, status=status).imported == 5
+    assert fake.polled == []
+    # A new client (the report's process) reads each task once: the results travel only in its status.
+    assert make_client().outcome(handle, status=status).imported == 5
+    assert sorted(fake.polled) == sorted(job.job_id for job in handle.jobs)

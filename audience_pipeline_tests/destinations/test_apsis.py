@@ -551,3 +551,46 @@ def test_the_retry_policy_reaches_the_http_client_so_a_sensor_429_raises_at_once
     )
 
     check_poll_retry(lambda retry: resource.destination({"section": SECTION}, retry=retry), handle, sleeps)
+
+
+def _status_reads(fake: FakeApsis, since: int) -> list[str]:
+    """Status polls (not report reads) among the requests since ``since``."""
+    prefix = f"/audience/sections/{SECTION}/imports/"
+    return [
+        r.url.path
+        for r in fake.requests[since:]
+        if r.method == "GET" and r.url.path.startswith(prefix) and not r.url.path.endswith("/report")
+    ]
+
+
+def test_outcome_does_not_poll_a_status_already_known(make_client, fake: FakeApsis) -> None:
+    client = make_client(max_file_bytes=120)
+    handle = client.submit(rows(6), feed="f", partition="p")
+    for import_id in ("imp-1", "imp-2", "imp-3"):
+        fake.finish(import_id, "completed")
+        fake.reports[import_id] = {"statistics": {"total_rows": 2, "created_profiles": 2}, "errors": []}
+    status = client.status(handle)
+    assert status.state is JobState.SUCCEEDED
+    before = len(fake.requests)
+
+    assert client.outcome(handle, status=status).imported == 6  # status() read every part
+    assert make_client().outcome(handle, status=status).imported == 6  # SUCCEEDED: every part completed
+
+    assert _status_reads(fake, before) == [] and len(fake.requests[before:]) == 6  # the reports only
+
+
+def test_outcome_of_one_part_in_error_takes_the_reason_from_the_known_status(
+    make_client, fake: FakeApsis
+) -> None:
+    handle = make_client().submit(rows(2), feed="f", partition="p")
+    fake.finish("imp-1", "error", error={"code": "import_failed", "detail": "Invalid file encoding"})
+    status = make_client().status(handle)
+    assert (status.state, status.vendor_status, status.detail) == (
+        JobState.FAILED, "error", "Invalid file encoding",
+    )  # fmt: skip
+    before = len(fake.requests)
+
+    outcome = make_client().outcome(handle, status=status)
+
+    assert fake.requests[before:] == []
+    assert outcome.failed == 2 and "ended in error (Invalid file encoding)" in outcome.failures[0].reason

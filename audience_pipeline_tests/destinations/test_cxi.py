@@ -468,3 +468,20 @@ def test_resource_builds_a_client_with_validated_options() -> None:
         client.close()
     with pytest.raises(ValueError, match="import_name"):
         resource.destination({})
+
+
+def test_outcome_given_the_final_status_never_polls_the_status_endpoint(
+    fake: FakeCxi, make_client: Callable[..., CommunicateXIClient]
+) -> None:
+    client = make_client()
+    handle = client.submit(rows(), feed="all_staff", partition="a")
+    job_id = handle.jobs[0].job_id
+    fake.finish(job_id, "failed", [{"line": 3, "error": "Invalid email"}], processed=2)
+    status = client.status(handle)
+    assert status.state is JobState.FAILED
+    before = len(fake.requests)
+
+    outcome = make_client().outcome(handle, status=status)
+
+    assert [r.url.path for r in fake.requests[before:]] == [f"{IMPORTS}/async-jobs/{job_id}/failures"]
+    assert [(f.row, f.reason) for f in outcome.failures] == [(1, "Invalid email")]

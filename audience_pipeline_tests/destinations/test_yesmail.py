@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from audience_pipeline.destinations import yesmail
 from audience_pipeline.destinations.base import ChunkJob, JobHandle, JobState, SubmitIntent
-from audience_pipeline.destinations.http import RetryPolicy, VendorAuthError, VendorHTTP
+from audience_pipeline.destinations.http import RetryPolicy, VendorAuthError, VendorHTTP, VendorHTTPError
 from audience_pipeline.destinations.yesmail import (
     IGNORED_REASON,
     YesmailClient,
@@ -44,6 +44,10 @@ class FakeYesmail:
     final_state: str = "completed"
     running_polls: int = 1
     state_of: dict[str, str] = field(default_factory=dict)
+    ticket_location: str = f"{BASE}/v2/tickets/{{id}}"
+    """``Content-Location`` of a 202 (``{id}`` = the ticket): absolute here, as the document shows."""
+    results_location: str = f"{BASE}/v2/async-results/r{{id}}"
+    ticket_paths: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
@@ -75,11 +79,17 @@ class FakeYesmail:
             return httpx.Response(
                 202,
                 json={"id": ticket_id, "state": "accepted"},
-                headers={"Content-Location": f"{BASE}/v2/tickets/{ticket_id}"},
+                headers={"Content-Location": self.ticket_location.format(id=ticket_id)},
             )
+        if "/v2/tickets/" in path:
+            self.ticket_paths.append(path)
         if path.startswith("/base/v2/tickets/"):
             ticket_id = path.rsplit("/", 1)[-1]
-            ticket = self.tickets[ticket_id]
+            ticket = self.tickets.get(ticket_id)
+            if ticket is None:
+                return httpx.Response(
+                    404, json={"error": {"code": "not_found", "message": "no such resource"}}
+                )
             ticket["polls"] += 1
             done = ticket["polls"] > self.running_polls
             state = self.state_of.get(ticket_id) or (self.final_state if done else "processing")
@@ -88,7 +98,7 @@ class FakeYesmail:
                 "state": state,
                 "message": "threshold reached" if state == "failed" else "working",
                 "request": {"id": ticket["ref"], "user": USER},
-                "response": {"location": f"{BASE}/v2/async-results/r{ticket_id}"} if done else None,
+                "response": {"location": self.results_location.format(id=ticket_id)} if done else None,
             }
             return httpx.Response(200, json=body)
         if path.startswith("/base/v2/async-results/r"):
@@ -380,3 +390,57 @@ def test_the_retry_policy_reaches_the_http_client_so_a_sensor_429_raises_at_once
     handle = JobHandle(vendor="yesmail", feed="f", partition="p", jobs=[job], submitted_rows=1)
 
     check_poll_retry(lambda retry: resource.destination({"target_list": "l"}, retry=retry), handle, sleeps)
+
+
+@pytest.mark.parametrize(
+    ("ticket_location", "results_location"),
+    [
+        pytest.param("/base/v2/tickets/{id}", "/base/v2/async-results/r{id}", id="absolute-path"),
+        pytest.param("../../../tickets/{id}", "../async-results/r{id}", id="relative"),
+        pytest.param(f"{BASE}/v2/tickets/{{id}}", f"{BASE}/v2/async-results/r{{id}}", id="absolute-url"),
+    ],
+)
+def test_ticket_and_results_locations_resolve_against_the_request_url_under_a_path_prefix(
+    ticket_location: str, results_location: str
+) -> None:
+    """BASE has a path prefix (``/base``, a gateway's): it must not be put in front twice."""
+    fake = FakeYesmail(running_polls=0, ticket_location=ticket_location, results_location=results_location)
+    client = _client(fake)
+    handle = client.submit(_rows(["a@x.com", "bad1@x.com"]), feed="f", partition="p")
+
+    assert handle.extra["ticket_url"] == f"{BASE}/v2/tickets/{{id}}"
+    assert client.status(handle).state is JobState.SUCCEEDED
+    assert fake.ticket_paths == ["/base/v2/tickets/t0000"]
+    assert [(f.row, f.reason) for f in client.outcome(handle).failures] == [(1, "no bad1@x.com")]
+
+
+def test_a_ticket_answering_404_raises_a_permanent_error_naming_the_ticket() -> None:
+    """Each poll of an unknown ticket raises a 4xx the status sensor counts as a permanent poll
+    error (the count lives in its cursor); at ``max_poll_errors`` in a row the import ends
+    ``poll_failed`` with this message as the reason, instead of waiting for the time limit."""
+    fake = FakeYesmail(running_polls=5)
+    handle = _client(fake, per_request=1).submit(_rows(["a@x.com", "b@x.com"]), feed="f", partition="p")
+    del fake.tickets["t0001"]  # expired, or never Yesmail's
+
+    for _ in range(3):  # a new client per poll, as the sensor builds one per tick
+        with pytest.raises(VendorHTTPError) as caught:
+            _client(fake).status(handle)
+        assert type(caught.value) is VendorHTTPError and caught.value.status == 404
+        assert "ticket t0001 not found: no such resource" in str(caught.value)
+        assert "/base/v2/tickets/t0001 -> 404 not_found" in str(caught.value)
+
+
+def test_outcome_does_not_poll_tickets_status_already_read_ended() -> None:
+    fake = FakeYesmail(running_polls=0)
+    client = _client(fake, per_request=2)
+    handle = client.submit(_rows(["a@x.com", "bad@x.com", "c@x.com"]), feed="f", partition="p")
+    status = client.status(handle)
+    assert status.state is JobState.SUCCEEDED and len(fake.ticket_paths) == 2
+
+    outcome = client.outcome(handle, status=status)
+
+    assert len(fake.ticket_paths) == 2  # results only, from the tickets status() read
+    assert [f.row for f in outcome.failures] == [1] and outcome.imported == 2
+    # A new client (the report's process) reads each ticket once: only it points to the results.
+    assert _client(fake).outcome(handle, status=status).imported == 2
+    assert sorted(fake.ticket_paths[2:]) == ["/base/v2/tickets/t0000", "/base/v2/tickets/t0001"]

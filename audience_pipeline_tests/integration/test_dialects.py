@@ -11,6 +11,8 @@ import zipfile
 import dagster as dg
 import pytest
 
+from audience_pipeline.feeds.loader import load_feeds
+from audience_pipeline.validation import validate_for_feed
 from audience_pipeline_tests.integration.conftest import DEMO_CSV, FEED, Pipeline
 from audience_pipeline_tests.integration.test_pipeline import EXPECTED_REPORT
 
@@ -87,3 +89,22 @@ def test_windows_excel_export_flows_like_the_utf8_one(pipeline: Pipeline) -> Non
     )
     staging = pipeline.root / "home"
     assert not [p for p in staging.rglob("*.utf-8.csv")], "the transcoded copy must not be left behind"
+
+
+def test_a_titled_export_with_capitalised_headers_flows_and_its_metadata_says_so(pipeline: Pipeline) -> None:
+    header, *rows = DEMO_CSV.read_text("utf-8").splitlines()
+    feed = next(f for f in load_feeds().feeds if f.name == FEED)
+    plain = validate_for_feed(DEMO_CSV, feed)
+    pipeline.drop(
+        "employees_2026-11-01.csv",
+        "\n".join(["Employee Report 2026-11-01", "", header.upper(), *rows, "Total: 200"]).encode() + b"\n",
+    )
+
+    runs = pipeline.ingest()
+
+    assert len(runs) == 1 and runs[0].is_success
+    validation = pipeline.metadata("validated_rows", runs[0].tags["dagster/partition"])
+    assert validation["header_line"] == 3
+    assert validation["header_matches"] == {name: name.upper() for name in header.split(",")}
+    # the same rows as the plain export, and the footer as one reject more
+    assert (validation["source_rows"], validation["rejected_rows"]) == (201, len(plain.rejects) + 1)

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.integration
 
 S = SandboxSettings()
 AIS = "/data/core/ais"
+CREDENTIALS = "/data/foundation/connectors/landingzone/credentials"
 CSV = "unique_id,email,start_date\nE1,a@x.com,2024-01-02\nE2,,2024-02-03\nE3,c@x.com,\n"
 FIELDS = [
     {"name": "unique_id", "type": "string"},
@@ -76,6 +77,11 @@ def _create(platform: httpx.Client, path: str, **changes: Any) -> httpx.Response
     return platform.post(f"{AIS}/external-audience/", json=body)
 
 
+def _audiences(sandbox: SandboxServer) -> list[dict[str, Any]]:
+    """The sandbox's internal view (the document offers no list of audiences)."""
+    return httpx.get(f"{sandbox.url}/_sandbox/aep/audiences").json()["audiences"]
+
+
 def _until_done(platform: httpx.Client, path: str) -> list[dict[str, Any]]:
     return poll_until(
         lambda: platform.get(path).json(),
@@ -113,14 +119,33 @@ def test_platform_auth_errors(
     headers.pop(header.lower(), None)
     if value is not None:
         headers[header] = value
-    response = httpx.get(f"{str(platform.base_url).rstrip('/')}{AIS}/external-audiences", headers=headers)
+    response = httpx.get(f"{str(platform.base_url).rstrip('/')}{CREDENTIALS}", headers=headers)
     assert response.status_code == status and response.json()["error_code"] == code
 
 
 def test_expired_tokens_are_refused(sandbox: SandboxServer, platform: httpx.Client) -> None:
-    assert platform.get(f"{AIS}/external-audiences").status_code == 200
+    assert platform.get(CREDENTIALS).status_code == 200
     httpx.post(f"{sandbox.url}/_sandbox/aep/expire-tokens").raise_for_status()
-    assert platform.get(f"{AIS}/external-audiences").json()["error_code"] == "100920-401"
+    assert platform.get(CREDENTIALS).json()["error_code"] == "100920-401"
+
+
+def test_the_audience_lookup_is_not_offered_unless_turned_on(
+    sandbox: SandboxServer, platform: httpx.Client
+) -> None:
+    """The document has no list of audiences: the sandbox answers 404 like a path the Platform lacks."""
+    path, _ = _upload(platform)
+    assert _create(platform, path).status_code == 202
+    listing = platform.get(f"{AIS}/external-audiences", params={"customAudienceId": "staff-1"})
+    assert listing.status_code == 404 and listing.json()["error_code"] == "100940-404"
+
+    control = f"{sandbox.url}/_sandbox/aep/lookup"
+    assert httpx.post(control, json={"enabled": "yes"}).status_code == 400
+    assert httpx.post(control, json={"enabled": True}).json() == {"ok": True, "enabled": True}
+    listing = platform.get(f"{AIS}/external-audiences", params={"customAudienceId": "staff-1"})
+    assert [a["customAudienceId"] for a in listing.json()["audiences"]] == ["staff-1"]
+    assert platform.get(f"{AIS}/external-audiences", params={"customAudienceId": "x"}).json() == {
+        "audiences": []
+    }
 
 
 def test_landing_zone_needs_the_sas_signature_and_blob_type(platform: httpx.Client) -> None:
@@ -158,13 +183,13 @@ def test_creation_then_runs_follow_the_state_machine(sandbox: SandboxServer, pla
     path, modified = _upload(platform)
     created = _create(platform, path)
     assert created.status_code == 202
-    operation_path = f"{AIS}/external-audiences/operations/{created.json()['operationId']}"
-    assert _create(platform, path).json()["error_code"] == "100950-409"
-    [audience] = platform.get(f"{AIS}/external-audiences", params={"customAudienceId": "staff-1"}).json()[
-        "audiences"
-    ]
+    # The document gives the audienceId only once the creation succeeded: read it from the
+    # sandbox's own view, on the open connection, so the run below still meets the creation.
+    [audience] = platform.get(f"{sandbox.url}/_sandbox/aep/audiences").json()["audiences"]
     runs = f"{AIS}/external-audience/{audience['audienceId']}/runs"
     assert platform.post(runs, json={"dataFilterStartTime": modified}).status_code == 409  # creation running
+    operation_path = f"{AIS}/external-audiences/operations/{created.json()['operationId']}"
+    assert _create(platform, path).json()["error_code"] == "100950-409"
 
     states = _until_done(platform, operation_path)
     assert states[0]["status"] == "PROCESSING" and states[-1]["status"] == "SUCCESS"
@@ -195,7 +220,7 @@ def test_unreadable_files_and_injected_failures_fail_their_stage(
     operation = _create(platform, path).json()["operationId"]
     failed = _until_done(platform, f"{AIS}/external-audiences/operations/{operation}")[-1]
     assert failed["status"] == "FAILED" and "DATASET_INGEST" in failed["errors"][0]["code"]
-    assert platform.get(f"{AIS}/external-audiences").json()["audiences"] == []
+    assert "audienceId" not in failed and _audiences(sandbox) == []  # a failed creation leaves none
 
     path, _ = _upload(platform)
     httpx.post(

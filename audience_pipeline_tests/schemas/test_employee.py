@@ -88,6 +88,8 @@ def test_a_good_row_passes_and_nulls_pass_every_value_check() -> None:
         ("mobile_phone", "+0212555010", "e164_phone"),
         ("mobile_phone", "+1234567890123456", "e164_phone"),
         ("mobile_phone", "+1 212 555 0100", "e164_phone"),
+        ("mobile_phone", "+16872070030", "e164_phone"),  # E.164-shaped, but 687 is not an area code
+        ("mobile_phone", "+4402079460958", "e164_phone"),  # valid, but not written as E.164 writes it
         ("first_name", "A" * (MAX_TEXT_LENGTH + 1), "text_length"),
         ("last_name", "é" * (MAX_TEXT_LENGTH + 1), "text_length"),
         ("start", "2023-02-29", "iso_date"),
@@ -113,8 +115,9 @@ def test_each_rule_names_its_check(column: str, value: str | None, check: str) -
         ("unique_id", "E" * MAX_TEXT_LENGTH),
         ("first_name", "é" * MAX_TEXT_LENGTH),  # characters count, not bytes
         ("email", "o'brien+hr@mail.example-corp.co.uk"),
-        ("mobile_phone", "+1234567"),
-        ("mobile_phone", "+123456789012345"),
+        ("mobile_phone", "+442079460958"),
+        ("mobile_phone", "+390612345678"),  # Italy keeps the leading 0
+        ("mobile_phone", "+80012345678"),  # a non-geographic code
         ("age", "007"),
         ("fte", "-.5"),
         ("fte", "1e-3"),
