@@ -71,7 +71,7 @@ from audience_pipeline.tags import (
 
 MAX_POLLS_PER_TICK = 2_000
 """At most this many imports are handed to the pool per tick (the budget usually ends it first)."""
-TICK_BUDGET_SECONDS = 8.0
+TICK_BUDGET_SECONDS = 4.5
 """Polls that cannot start within this many seconds of the tick's start wait for the next tick."""
 POLL_AGE_FRACTION = 0.1
 SENSOR_INTERVAL_SECONDS = 15
