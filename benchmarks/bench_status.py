@@ -13,7 +13,8 @@ Which import a tick polled comes from the sandbox's request log, so the figures 
 version of the sensor.
 
 With ``--feeds K`` the imports are spread over K feeds on one destination (sharing its limits),
-whose sensors tick one after the other in each round; a "tick" is then the whole round.
+whose sensors tick one after the other in each round: tick seconds are each sensor's, calls per
+tick and the clock's steps are the round's (15 s, or the round's duration if longer).
 
 Figures per run: tick seconds (median and max), status calls per tick, minutes until every
 import was polled once, the longest gap between two polls of one import, the cursor's size, the
@@ -201,8 +202,8 @@ def peak_rss_mb() -> float:
 
 def measure(count: int, latency_ms: int, minutes: float, feeds_count: int = 1) -> Run:
     """One run; with ``feeds_count > 1`` the imports are spread over that many feeds on one
-    destination, whose sensors tick one after the other (as the daemon does without threads),
-    and a tick's figures are the whole round's."""
+    destination, whose sensors tick one after the other (as the daemon does without threads);
+    tick seconds are per sensor, calls per tick per round."""
     settings = SandboxSettings(pace_seconds=1.0, cxi_api_key=API_KEY)
     with sandbox_process(settings) as sandbox, tempfile.TemporaryDirectory() as tmp:
         base = sandbox.url
@@ -233,16 +234,18 @@ def measure(count: int, latency_ms: int, minutes: float, feeds_count: int = 1) -
             _log(f"  {count} import_job materializations in {time.monotonic() - started:.1f} s")
             polled_jobs(base)  # forget the setup's requests
             driver = SensorDriver(defs, instance, log_level="WARNING")
-            start, durations, calls = clock.now, [], []
+            start, durations, calls, rounds = clock.now, [], [], 0
             last: dict[str, float] = {}
             first_all: float | None = None
             gaps: list[float] = []
-            while len(durations) < MAX_TICKS:
-                begun = time.monotonic()
+            while rounds < MAX_TICKS:
+                began = time.monotonic()
                 for name in names:
+                    begun = time.monotonic()
                     driver.tick(status_sensor_name(name))
-                took = time.monotonic() - begun
-                durations.append(took)
+                    durations.append(time.monotonic() - begun)
+                took = time.monotonic() - began
+                rounds += 1
                 polled = polled_jobs(base)
                 calls.append(len(polled))
                 for job in polled:
@@ -261,7 +264,7 @@ def measure(count: int, latency_ms: int, minutes: float, feeds_count: int = 1) -
             return Run(
                 imports=count,
                 latency_ms=latency_ms,
-                ticks=len(durations),
+                ticks=rounds,
                 tick_seconds_median=round(statistics.median(durations), 3),
                 tick_seconds_max=round(max(durations), 3),
                 calls_per_tick_median=statistics.median(calls),
