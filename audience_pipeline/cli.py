@@ -70,7 +70,8 @@ def run_demo(home: Path, *, pace: float = 0.3, settings: SandboxSettings | None 
         for name, vendor in server.app.vendors.items():
             os.environ.update(vendor.demo_env(server.vendor_url(name)))
         print(f"sandbox listening on {server.url}; working folder {home}")
-        return _run(load_feeds(), home, feed_names=None, timeout=120.0, poll_interval=0.2, ephemeral=True)
+        # The instance of $DAGSTER_HOME/dagster.yaml when it is set (Postgres, say), as for sync.
+        return _run(load_feeds(), home, feed_names=None, timeout=120.0, poll_interval=0.2, ephemeral=False)
 
 
 SECRET_FIELD_SUFFIXES = ("_key", "_secret", "_token", "_client_id", "_api_user")

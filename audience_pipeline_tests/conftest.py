@@ -3,12 +3,14 @@ all on 127.0.0.1."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
+from audience_pipeline_tests.postgres import PostgresCluster, find_bin_dir, missing_requirement
 from audience_pipeline_tests.sandboxes import SandboxPool
 
 S3_REGION = "us-east-1"
@@ -60,6 +62,28 @@ def s3(s3_server: S3Server) -> S3Server:
     """The shared S3 server, emptied before the test."""
     s3_server.reset()
     return s3_server
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresCluster]:
+    """One throwaway PostgreSQL cluster per test session (initdb in a temp folder, a free port on
+    127.0.0.1), stopped and deleted at the end. Without the server binaries or psycopg2 the tests
+    that need it are skipped, except under CI (``$CI`` set), where they fail: CI installs both."""
+    problem = missing_requirement()
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs PostgreSQL for these tests: {problem}", pytrace=False)
+        pytest.skip(problem)
+    bin_dir = find_bin_dir()
+    assert bin_dir is not None
+    with PostgresCluster.running(bin_dir) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def postgres_database(postgres_server: PostgresCluster) -> str:
+    """A new database on the session's cluster for one test, holding Dagster's empty tables."""
+    return postgres_server.create_database(template=postgres_server.dagster_template())
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ from audience_pipeline.feeds.loader import DEMO_FEEDS, load_feeds, register_feed
 from audience_pipeline.feeds.model import FeedsFile
 from audience_pipeline.runner import SensorDriver
 from audience_pipeline.sandbox import SandboxServer, SandboxSettings
+from audience_pipeline_tests.postgres import deploy_config
 from audience_pipeline_tests.sandboxes import SandboxPool
 
 if TYPE_CHECKING:
@@ -176,8 +177,33 @@ PipelineFactory = Callable[..., Pipeline]
 
 
 @pytest.fixture
+def dagster_storage() -> str:
+    """The pipelines' instance storage: ``sqlite`` (Dagster's default) here; ``test_postgres.py``
+    overrides it to run the same scenarios on ``postgres``."""
+    return "sqlite"
+
+
+@pytest.fixture
+def instance_overrides(
+    dagster_storage: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, Any] | None:
+    """The pipelines' ``dagster.yaml``: Dagster's defaults for SQLite; for Postgres the project's
+    ``deploy/dagster.yaml`` itself, its ``DAGSTER_PG_*`` variables naming a new database."""
+    if dagster_storage == "sqlite":
+        return None
+    assert dagster_storage == "postgres", dagster_storage
+    database = request.getfixturevalue("postgres_database")
+    for name, value in request.getfixturevalue("postgres_server").env(database).items():
+        monkeypatch.setenv(name, value)
+    return deploy_config()
+
+
+@pytest.fixture
 def pipeline_factory(
-    tmp_path: Path, sandbox_server: SandboxServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    sandbox_server: SandboxServer,
+    monkeypatch: pytest.MonkeyPatch,
+    instance_overrides: dict[str, Any] | None,
 ) -> Iterator[PipelineFactory]:
     """Builds pipelines in ``tmp_path``; every vendor's credentials are in the environment first."""
     for name, vendor in sandbox_server.app.vendors.items():
@@ -205,7 +231,9 @@ def pipeline_factory(
             if register_secrets:
                 register_feed_secrets(feeds)
             defs = build_definitions(feeds, tmp_path / "home")
-            instance = stack.enter_context(dg.instance_for_test(temp_dir=str(tmp_path / "dagster")))
+            instance = stack.enter_context(
+                dg.instance_for_test(temp_dir=str(tmp_path / "dagster"), overrides=instance_overrides)
+            )
             driver = SensorDriver(defs, instance, log_level=log_level)
             return Pipeline(feed, tmp_path, feeds, defs, instance, driver, sandbox_server, report_timeout)
 

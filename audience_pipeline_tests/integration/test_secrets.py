@@ -29,6 +29,7 @@ def test_full_demo_run_leaks_no_secret(
     assert len(secrets) >= 8 and all(len(s) >= 20 for s in secrets)
     for name in ("CXI_BASE_URL", "CXI_API_KEY"):
         monkeypatch.setenv(name, "unset")
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)  # the demo's own SQLite instance, read below
     caplog.set_level(logging.DEBUG)
 
     code = run_demo(tmp_path, settings=settings)
