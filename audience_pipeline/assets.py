@@ -1,8 +1,12 @@
 """The feed factory: one Dagster asset group per feed, partitioned by source file.
 
-``hr_file -> validated_rows (+ rejected_rows) -> import_job -> failure_report``. The blocking
-rejection-rate check stops a broken export before anything is pushed; the accounting check on
-the report proves every source row was imported, rejected or failed.
+``hr_file -> validated_rows (+ rejected_rows) -> import_job -> failure_report``. Two blocking
+checks stop a file before anything is pushed: too many rejected rows, or too many of the
+snapshot's employees missing (a truncated export, ``guard.py``). ``import_job`` sends the rows
+that changed since the feed's snapshot, or every row (``sync_plan.py``); the failure report maps
+the vendor's results back to source lines, lists the leavers a per-member vendor keeps, replaces
+the snapshot, and its accounting check proves every source row was imported, rejected, failed or
+unchanged.
 
 ``import_job`` sends a file at most once, whoever starts the run (sensor, retry, ``sync``, UI):
 under a lock per destination it reuses a handle already recorded for the partition, else
@@ -15,10 +19,13 @@ so the retry sensor leaves them alone.
 """
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from audience_pipeline.csv_reader import CsvFileError
 from audience_pipeline.destinations.base import (
@@ -30,19 +37,24 @@ from audience_pipeline.destinations.base import (
     every_row,
 )
 from audience_pipeline.destinations.http import VendorHTTPError
-from audience_pipeline.feeds.model import Feed, FeedsFile
+from audience_pipeline.feeds.model import FILE_REPLACING, Feed, FeedsFile
+from audience_pipeline.guard import removed_rate
 from audience_pipeline.locks import held
 from audience_pipeline.normalize import MappingError
 from audience_pipeline.reports import (
+    REJECTED,
     REPORT_COLUMNS,
     RowAccounting,
     build_report,
     count_outcomes,
+    leaver_rows,
     markdown_preview,
     validation_findings,
     write_report,
 )
+from audience_pipeline.snapshot import ID, SnapshotInfo, next_snapshot, read_snapshot, write_snapshot
 from audience_pipeline.sources.base import StagedFile, split_partition_key, stage_or_reuse
+from audience_pipeline.sync_plan import LEAVER_REASONS, PreparedSync, StoredPlan, prepare_sync, read_plan
 from audience_pipeline.tags import (
     ATTEMPT_TAG,
     FINAL_DETAIL_TAG,
@@ -57,6 +69,7 @@ from audience_pipeline.validation import ValidationResult, validate_for_feed
 IO_MANAGER_KEY = "audience_io_manager"
 STORAGE_KEY = "pipeline_storage"
 REJECTION_CHECK = "rejection_rate_within_threshold"
+REMOVED_CHECK = "removed_rate_within_threshold"
 ACCOUNTING_CHECK = "row_accounting_adds_up"
 INTENT_KEY = "submit_intent"
 SUBMITTED_KEY = "submitted_handle"
@@ -64,6 +77,7 @@ REFUSED_KEY = "submit_refused"
 NOT_APPLIED_STATUSES = frozenset({400, 401, 403, 404, 405, 409, 413, 415, 422, 429, 503})
 """Answers that say the vendor did not take the request: the intent is closed, not reconciled."""
 SUBMIT_LOCK_SECONDS = 3600.0
+SNAPSHOT_LOCK_SECONDS = 600.0
 REFUSED = {OUTCOME_METADATA: "refused"}
 
 
@@ -86,9 +100,19 @@ class FeedKeys:
         self.report_job = f"{feed.name}__report"
 
 
+class ValidateConfig(dg.Config):
+    accept_removals: bool = False
+    """Let the file through although more than ``max_removed_rate`` of the snapshot's employees
+    are missing from it (they really left): the removed-rate check then passes."""
+
+
 class ImportJobConfig(dg.Config):
     force: bool = False
-    """Send the file again even though this partition was already imported."""
+    """Send the file again even though this partition was already imported, and send every row
+    (not only the rows that changed since the snapshot)."""
+    dry_run: bool = False
+    """Diff the file against the snapshot and say what would be sent; send nothing, record no
+    import (an observation of ``import_job`` holds the counts)."""
 
 
 def metadata_of(record: dg.EventLogRecord | None) -> dict:
@@ -136,6 +160,7 @@ def _validation_metadata(result: ValidationResult, staged: StagedFile) -> dict:
 
 def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]:
     keys = FeedKeys(feed, feeds)
+    destination = feeds.destination_for(feed)
     common = {"partitions_def": keys.partitions, "group_name": feed.name}
 
     @dg.asset(
@@ -190,13 +215,22 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
                 asset=keys.validated_rows,
                 blocking=True,
                 description=f"At most {feed.max_rejection_rate:.1%} of the file's rows may be rejected.",
-            )
+            ),
+            dg.AssetCheckSpec(
+                REMOVED_CHECK,
+                asset=keys.validated_rows,
+                blocking=True,
+                description=(
+                    f"At most {feed.max_removed_rate:.1%} of the snapshot's employees may be missing "
+                    "from the file (a truncated export); run config accept_removals: true lets it through."
+                ),
+            ),
         ],
         name=f"{feed.name}__validate",
         required_resource_keys={STORAGE_KEY},
         **common,
     )
-    def validate(context: dg.AssetExecutionContext, hr_file: StagedFile) -> Iterator:
+    def validate(context: dg.AssetExecutionContext, config: ValidateConfig, hr_file: StagedFile) -> Iterator:
         try:
             result = validate_for_feed(hr_file.path, feed)
         except (CsvFileError, MappingError) as exc:
@@ -235,25 +269,53 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
                 "threshold": feed.max_rejection_rate,
             },
         )
+        yield removed_rate_check(
+            keys, feed, storage.snapshot_path(feed.name), result, accept=config.accept_removals
+        )
 
     @dg.asset(
         key=keys.import_job,
-        ins={"validated_rows": dg.AssetIn(key=keys.validated_rows)},
+        ins={
+            "validated_rows": dg.AssetIn(key=keys.validated_rows),
+            "rejected_rows": dg.AssetIn(
+                key=keys.rejected_rows, metadata={"columns": ["unique_id", "outcome"]}
+            ),
+        },
         kinds={keys.vendor},
         io_manager_key=IO_MANAGER_KEY,
         required_resource_keys={keys.destination_resource, STORAGE_KEY},
         pool=f"{keys.vendor}_api",
-        description="The vendor import started for this file; polled by the import-status sensor.",
+        output_required=False,  # a dry run records no import
+        description=(
+            "The vendor import started for this file (its changed rows, or every row under "
+            "sync_mode full); polled by the import-status sensor."
+        ),
         **common,
     )
     def import_job(
-        context: dg.AssetExecutionContext, config: ImportJobConfig, validated_rows: pd.DataFrame
-    ) -> JobHandle:
+        context: dg.AssetExecutionContext,
+        config: ImportJobConfig,
+        validated_rows: pd.DataFrame,
+        rejected_rows: pd.DataFrame,
+    ) -> Iterator[dg.Output[JobHandle]]:
         storage = getattr(context.resources, STORAGE_KEY)
+
+        def prepare() -> PreparedSync:
+            snapshot_path = storage.snapshot_path(feed.name)
+            rejected = _rejected_ids(rejected_rows)
+            return prepare_sync(
+                feed, destination, validated_rows, rejected, snapshot_path, force=config.force
+            )
+
+        if config.dry_run:
+            _dry_run(context, keys, prepare())
+            return
+        sync_dir = storage.sync_dir(feed.name, context.partition_key)
         with held(storage.lock_dir(), f"submit-{feed.destination}", timeout=SUBMIT_LOCK_SECONDS):
-            handle, reused = _submit_once(context, keys, feed, config, validated_rows)
-        context.add_output_metadata(_handle_metadata(handle, reused=reused))
-        return handle
+            handle, reused = _submit_once(context, keys, feed, config, validated_rows, prepare, sync_dir)
+        yield dg.Output(
+            handle, metadata={**_handle_metadata(handle, reused=reused), **_sync_metadata(handle)}
+        )
 
     @dg.asset(
         key=keys.failure_report,
@@ -270,11 +332,17 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
             dg.AssetCheckSpec(
                 ACCOUNTING_CHECK,
                 asset=keys.failure_report,
-                description="source rows = imported + rejected + failed (+ ignored), and the vendor agrees.",
+                description=(
+                    "source rows = rejected + unchanged + submitted, submitted = imported + failed "
+                    "(+ ignored), and the vendor agrees."
+                ),
             )
         ],
         pool=f"{keys.vendor}_api",
-        description="Every rejected or failed row with its source line, identifier and reason.",
+        description=(
+            "Every rejected or failed row with its source line, identifier and reason, and the "
+            "leavers a per-member vendor keeps; writes the feed's changed-rows snapshot."
+        ),
         **common,
     )
     def failure_report(
@@ -284,8 +352,19 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
         validated_rows: pd.DataFrame,
     ) -> dg.MaterializeResult:
         outcome, vendor_status = _report_outcome(context, keys, feed, import_job)
-        report = build_report(rejected_rows, outcome, validated_rows)
         storage = getattr(context.resources, STORAGE_KEY)
+        plan = _stored_plan(
+            storage.sync_dir(feed.name, context.partition_key), import_job, len(validated_rows)
+        )
+        sent = (
+            validated_rows
+            if plan is None
+            else validated_rows.iloc[plan.sent_positions].reset_index(drop=True)
+        )
+        leavers = None
+        if plan is not None and keys.vendor not in FILE_REPLACING and len(plan.removed_ids):
+            leavers = leaver_rows(plan.removed_ids.to_pylist(), LEAVER_REASONS[keys.vendor])
+        report = build_report(rejected_rows, outcome, sent, leavers)
         path = write_report(report, storage.report_dir(feed.name, context.partition_key) / "failures.csv")
         validation = latest_metadata(context.instance, keys.validated_rows, context.partition_key) or {}
         rejected, warnings = count_outcomes(rejected_rows)
@@ -297,12 +376,27 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
             imported=outcome.imported,
             failed=outcome.failed,
             ignored=outcome.ignored,
+            unchanged=len(validated_rows) - len(sent),
         )
+        snapshot_note = "no plan recorded (an import from before changed-rows sync): snapshot not written"
+        if plan is not None:
+            snapshot_note = _update_snapshot(
+                storage.snapshot_path(feed.name),
+                storage.lock_dir(),
+                feed,
+                import_job,
+                plan,
+                outcome,
+                rejected_rows,
+            )
+            context.log.info(snapshot_note)
         vendor_imported = outcome.vendor_counts.get("processed")
         vendor_agrees = vendor_imported is None or vendor_imported == outcome.imported
         return dg.MaterializeResult(
             metadata={
                 **accounting.as_metadata(),
+                **_sync_metadata(import_job),
+                "snapshot": snapshot_note,
                 "dagster/row_count": len(report),
                 "vendor_status": vendor_status,
                 "outcome": _normalised_outcome(vendor_status, accounting),
@@ -332,6 +426,124 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
         )
 
     return [hr_file, validate, import_job, failure_report]
+
+
+def removed_rate_check(
+    keys: FeedKeys, feed: Feed, snapshot_path: Path, result: ValidationResult, *, accept: bool
+) -> dg.AssetCheckResult:
+    """The truncated-export guard (``guard.py``) as the blocking check on ``validated_rows``."""
+    found = removed_rate(
+        feed.name,
+        feed.max_removed_rate,
+        snapshot_path,
+        pa.array(result.valid["unique_id"], pa.large_string()),
+        pa.array(result.rejects["unique_id"], pa.large_string()),
+        accept=accept,
+    )
+    return dg.AssetCheckResult(
+        asset_key=keys.validated_rows,
+        check_name=REMOVED_CHECK,
+        passed=not found.blocked,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=found.message(),
+        metadata={
+            "removed": found.removed,
+            "snapshot_rows": found.snapshot_rows or 0,
+            "removed_rate": round(found.rate, 6),
+            "threshold": feed.max_removed_rate,
+            "accepted": accept,
+        },
+    )
+
+
+def _rejected_ids(findings: pd.DataFrame) -> pa.Array:
+    """Ids of rows validation rejected (warnings are imported rows, not rejects)."""
+    if "outcome" in findings.columns:
+        findings = findings[findings["outcome"] == REJECTED]
+    return pa.array(findings["unique_id"], pa.large_string())
+
+
+def _sync_metadata(handle: JobHandle) -> dict:
+    """Added / changed / unchanged / removed / sent and the changed-rows preview, from the handle."""
+    sync = handle.extra.get("sync")
+    if not isinstance(sync, dict):
+        return {}
+    counts = {k: int(sync.get(k, 0)) for k in ("added", "changed", "unchanged", "removed", "sent")}
+    return {
+        **{k if k != "unchanged" else "unchanged_since_snapshot": v for k, v in counts.items()},
+        "sync_mode": str(sync.get("mode", "")),
+        "sync_reason": str(sync.get("reason", "")),
+        "changed_preview": dg.MetadataValue.md(str(sync.get("changed_preview", ""))),
+    }
+
+
+def _dry_run(context: dg.AssetExecutionContext, keys: FeedKeys, prepared: PreparedSync) -> None:
+    """Say what would be sent, as a log line and an observation; record no import."""
+    plan = prepared.plan
+    context.log.info(f"dry run: {plan.summary()}; nothing was sent")
+    context.log_event(
+        dg.AssetObservation(
+            asset_key=keys.import_job,
+            partition=context.partition_key,
+            metadata={
+                "dry_run": True,
+                **plan.counts(),
+                "sync_mode": plan.mode,
+                "sync_reason": plan.reason,
+                "changed_preview": dg.MetadataValue.md(prepared.preview()),
+            },
+        )
+    )
+
+
+def _stored_plan(sync_dir: Path, handle: JobHandle, rows: int) -> StoredPlan | None:
+    """The plan ``import_job`` wrote for this import (the handle names its file in the
+    partition's sync folder); ``None`` for an import without one."""
+    sync = handle.extra.get("sync")
+    if not isinstance(sync, dict) or not sync.get("plan"):
+        return None
+    path = sync_dir / Path(str(sync["plan"])).name
+    if not path.is_file():
+        raise dg.Failure(
+            description=(
+                f"the sync plan of import {handle.key} is missing ({path}); without it the failure "
+                "report cannot tell which rows were sent. Re-run import_job with config force: true"
+            ),
+            allow_retries=False,
+        )
+    plan = read_plan(path)
+    if plan.table.num_rows != rows:
+        raise dg.Failure(description=f"the sync plan {path} has {plan.table.num_rows} rows, the file {rows}")
+    return plan
+
+
+def _update_snapshot(
+    path: Path,
+    lock_dir: Path,
+    feed: Feed,
+    handle: JobHandle,
+    plan: StoredPlan,
+    outcome: JobOutcome,
+    findings: pd.DataFrame,
+) -> str:
+    """Replace the feed's snapshot with what the destination holds after this import, unless a
+    newer import already replaced it; returns what was done, for the report's metadata."""
+    sent = plan.sent_positions
+    failed = sent[[f.row for f in outcome.failures if f.outcome == "failed"]]
+    holds = np.ones(plan.table.num_rows, dtype=bool)
+    holds[failed] = False
+    ids = plan.table.column(ID).combine_chunks()
+    carry = pa.concat_arrays([ids.take(pa.array(failed, pa.int64())), _rejected_ids(findings)])
+    with held(lock_dir, f"snapshot-{feed.name}", timeout=SNAPSHOT_LOCK_SECONDS):
+        current = read_snapshot(path)
+        if current is not None and current.info.submitted_at > handle.submitted_at:
+            return f"snapshot kept: it reflects a newer import ({current.info.partition})"
+        table = next_snapshot(current.table if current else None, plan.snapshot_rows(), holds, carry)
+        info = SnapshotInfo(
+            plan.fingerprint, handle.partition, handle.key, handle.submitted_at, table.num_rows
+        )
+        write_snapshot(path, table, info)
+    return f"snapshot replaced: {table.num_rows} employees ({len(failed)} failed row(s) will be sent again)"
 
 
 def _handle_metadata(handle: JobHandle, *, reused: bool) -> dict:
@@ -394,9 +606,15 @@ def _submit_once(
     keys: FeedKeys,
     feed: Feed,
     config: "ImportJobConfig",
-    rows: pd.DataFrame,
+    valid: pd.DataFrame,
+    prepare: Callable[[], PreparedSync],
+    sync_dir: Path,
 ) -> tuple[JobHandle, bool]:
-    """The partition's import: recorded, adopted from a lost submit, or sent now (under the lock)."""
+    """The partition's import: recorded, adopted from a lost submit, or sent now (under the lock).
+
+    Only a new submit plans what to send (``prepare``): the rows that changed since the snapshot,
+    or every row; the plan is stored before the submit and named in the handle (``extra.sync``).
+    """
     partition = context.partition_key
     latest = next(
         (v for r in _observations(context.instance, keys, partition) if (v := _record_value(r))), None
@@ -408,9 +626,27 @@ def _submit_once(
             "content twice (run with config force: true to send it again)"
         )
         return handle, True
+    prepared = prepare()
+    sync = prepared.record(sync_dir, valid)
+    context.log.info(prepared.plan.summary())
+    positions = prepared.plan.positions
+    rows = valid if len(positions) == len(valid) else valid.iloc[positions].reset_index(drop=True)
     if rows.empty:
-        context.log.warning("no valid rows: nothing was sent to the destination")
-        handle = JobHandle(vendor=keys.vendor, feed=feed.name, partition=partition, jobs=[], submitted_rows=0)
+        if valid.empty:
+            context.log.warning("no valid rows: nothing was sent to the destination")
+        else:
+            context.log.info(
+                f"nothing changed since the snapshot ({prepared.plan.snapshot_partition}): all "
+                f"{len(valid)} valid rows are unchanged, nothing was sent to the destination"
+            )
+        handle = JobHandle(
+            vendor=keys.vendor,
+            feed=feed.name,
+            partition=partition,
+            jobs=[],
+            submitted_rows=0,
+            extra={"sync": sync},
+        )
         return handle, False
     client = getattr(context.resources, keys.destination_resource).destination(feed.options)
     try:
@@ -427,10 +663,11 @@ def _submit_once(
                 f"asked the vendor: {found.detail}"
             )
             if found.handle is not None:
-                _observe(context, keys, SUBMITTED_KEY, found.handle.model_dump(mode="json"))
-                return found.handle.model_copy(
-                    update={"extra": {**found.handle.extra, "adopted": True}}
-                ), False
+                adopted = found.handle.model_copy(
+                    update={"extra": {**found.handle.extra, "adopted": True, "sync": sync}}
+                )
+                _observe(context, keys, SUBMITTED_KEY, adopted.model_dump(mode="json"))
+                return adopted, False
             if not found.certain:
                 notes.append(
                     f"an earlier attempt may also have delivered this file (its answer was lost and "
@@ -452,8 +689,8 @@ def _submit_once(
             if exc.status in NOT_APPLIED_STATUSES:  # a clear no: nothing to reconcile next time
                 _observe(context, keys, REFUSED_KEY, {"status": exc.status, "attempt": intent.attempt})
             raise
-        if notes:
-            handle = handle.model_copy(update={"extra": {**handle.extra, "notes": notes}})
+        extra = {**handle.extra, "sync": sync, **({"notes": notes} if notes else {})}
+        handle = handle.model_copy(update={"extra": extra})
         _observe(context, keys, SUBMITTED_KEY, handle.model_dump(mode="json"))
         return handle, False
     finally:
@@ -511,9 +748,12 @@ def _status_from_tags(tags: Mapping[str, str]) -> JobStatus | None:
 
 
 def _normalised_outcome(vendor_status: str, accounting: RowAccounting) -> str:
-    """One word for every vendor: completed, completed_with_failures, failed, timed_out, poll_failed."""
+    """One word for every vendor: completed, completed_with_failures, failed, timed_out, poll_failed,
+    or unchanged (nothing to send)."""
     if vendor_status in POLL_GAVE_UP:
         return vendor_status
+    if accounting.submitted == 0 and accounting.unchanged > 0:
+        return "unchanged"  # nothing changed since the snapshot: nothing was sent
     if accounting.failed == 0:
         return "completed"
     return "completed_with_failures" if accounting.imported > 0 else "failed"

@@ -1,4 +1,4 @@
-"""``audience-pipeline``: demo | sync | validate | sandbox."""
+"""``audience-pipeline``: demo | sync | validate | plan | sandbox."""
 
 from __future__ import annotations
 
@@ -42,13 +42,24 @@ def main(argv: list[str] | None = None) -> int:
     validate.add_argument("--feed", required=True)
     validate.add_argument("--out", type=Path, help="write the rejected rows to this CSV")
 
+    plan = sub.add_parser(
+        "plan", help="dry run: what the next import of each feed would send; no vendor is called"
+    )
+    plan.add_argument("--feeds", type=Path, help=f"feeds file (default: ${FEEDS_ENV_VAR})")
+    plan.add_argument("--feed", action="append", help="only this feed (repeatable)")
+    plan.add_argument("--file", type=Path, help="this HR file instead of the newest in each feed's source")
+    plan.add_argument(
+        "--home", type=Path, help=f"working folder (default: ${HOME_ENV_VAR} or ./.audience_pipeline)"
+    )
+
     sandbox = sub.add_parser("sandbox", help="serve the vendor API emulator on 127.0.0.1")
     sandbox.add_argument("--port", type=int, default=8765)
     sandbox.add_argument("--pace", type=float, default=1.0)
 
     args = parser.parse_args(argv)
     try:
-        return {"demo": _demo, "sync": _sync, "validate": _validate, "sandbox": _sandbox}[args.command](args)
+        commands = {"demo": _demo, "sync": _sync, "validate": _validate, "plan": _plan, "sandbox": _sandbox}
+        return commands[args.command](args)
     except FeedsFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -178,6 +189,26 @@ def _validate(args: argparse.Namespace) -> int:
         return 1
     print(f"OK: {rate:.2%} rejected is within the feed's max_rejection_rate of {threshold:.2%}")
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """Per feed: rows that would be added, changed, removed and rejected, and the checks; exit 1
+    when a check would block a file. Reads the source and the snapshot; never calls a vendor."""
+    from audience_pipeline.dry_run import format_plan, plan_feed
+    from audience_pipeline.feeds.loader import register_feed_secrets, select_feeds
+    from audience_pipeline.redact import install_log_redaction
+
+    home = args.home or Path(os.environ.get(HOME_ENV_VAR) or Path.cwd() / ".audience_pipeline")
+    feeds = select_feeds(load_feeds(args.feeds), args.feed)
+    install_log_redaction()
+    register_feed_secrets(feeds)
+    blocked = False
+    for feed in feeds.feeds:
+        plan = plan_feed(feed, feeds, home, args.file)
+        print("\n".join(format_plan(plan)))
+        blocked = blocked or plan.blocked
+    print("dry run: nothing was sent to any destination")
+    return 1 if blocked else 0
 
 
 def _sandbox(args: argparse.Namespace) -> int:

@@ -1,8 +1,10 @@
-"""Assemble the failure report: validation rejects and warnings, and vendor failures.
+"""Assemble the failure report: validation rejects and warnings, vendor failures, and leavers.
 
 A rejected or failed row appears once per stage; a ``warning`` (an invalid optional value cleared
 from a row that was imported all the same) is not a row outcome, so its source row can appear
-again, for instance as failed at the target.
+again, for instance as failed at the target. A ``removed`` row is an employee who left since the
+snapshot and whom the destination cannot remove: it has no line in the file and is not a source
+row.
 
 The CSV is opened by people in Excel, so a cell that starts like a formula (``= + - @``, tab,
 carriage return) is prefixed with an apostrophe (OWASP's CSV-injection advice); HR data is
@@ -11,6 +13,7 @@ untrusted input like any other.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ import pandas as pd
 from audience_pipeline.destinations.base import JobOutcome
 
 REPORT_COLUMNS = ["source_line", "unique_id", "stage", "outcome", "column", "value", "reason"]
-REJECTED, WARNING = "rejected", "warning"
+REJECTED, WARNING, REMOVED = "rejected", "warning", "removed"
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -28,6 +31,9 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 class RowAccounting:
     """Where every source row went; ``balanced`` is the check that none was lost or counted twice.
 
+    ``source_rows = rejected + unchanged + submitted`` and ``submitted = imported + failed +
+    ignored``: a valid row is either sent or, under ``sync_mode: changed``, ``unchanged`` since
+    the snapshot and not sent (the destination already holds it as it is).
     ``warnings`` counts imported rows that had values cleared: they are in ``submitted`` already,
     so they are reported but take no part in the balance.
     """
@@ -39,11 +45,12 @@ class RowAccounting:
     failed: int
     ignored: int
     warnings: int = 0
+    unchanged: int = 0
 
     @property
     def balanced(self) -> bool:
         return (
-            self.source_rows == self.imported + self.rejected + self.failed + self.ignored
+            self.source_rows == self.rejected + self.unchanged + self.submitted
             and self.submitted == self.imported + self.failed + self.ignored
         )
 
@@ -54,6 +61,7 @@ class RowAccounting:
             "rejected_by_validation": self.rejected,
             "failed_at_target": self.failed,
             "ignored_by_target": self.ignored,
+            "unchanged": self.unchanged,
             "validation_warnings": self.warnings,
         }
 
@@ -76,9 +84,14 @@ def count_outcomes(findings: pd.DataFrame) -> tuple[int, int]:
     return len(findings) - warnings, warnings
 
 
-def build_report(rejects: pd.DataFrame, outcome: JobOutcome, submitted: pd.DataFrame) -> pd.DataFrame:
+def build_report(
+    rejects: pd.DataFrame,
+    outcome: JobOutcome,
+    submitted: pd.DataFrame,
+    leavers: pd.DataFrame | None = None,
+) -> pd.DataFrame:
     """One row per rejected or failed source row, and per warning, in file order, so a person can
-    fix the export.
+    fix the export; then the ``leavers`` (:func:`leaver_rows`), which have no line.
 
     ``rejects`` are validation's findings: rejects, or :func:`validation_findings` with an
     ``outcome`` column. ``submitted`` needs ``source_line`` and ``unique_id`` in the order the rows
@@ -109,11 +122,31 @@ def build_report(rejects: pd.DataFrame, outcome: JobOutcome, submitted: pd.DataF
     )
     frames = [f for f in (validation, vendor) if len(f)]
     if not frames:
-        return pd.DataFrame(
+        report = pd.DataFrame(
             {c: pd.Series(dtype="int64" if c == "source_line" else "str") for c in REPORT_COLUMNS}
         )
-    report = pd.concat(frames, ignore_index=True)
-    return report.sort_values("source_line", kind="stable", ignore_index=True)[REPORT_COLUMNS]
+    else:
+        report = pd.concat(frames, ignore_index=True)
+        report = report.sort_values("source_line", kind="stable", ignore_index=True)[REPORT_COLUMNS]
+    if leavers is None or leavers.empty:
+        return report
+    return pd.concat([report, leavers[REPORT_COLUMNS]], ignore_index=True)
+
+
+def leaver_rows(ids: Sequence[str], reason: str) -> pd.DataFrame:
+    """Employees in the snapshot but not in the file, as report rows (``outcome: removed``, no
+    line: they are not in the file), for destinations that cannot remove them."""
+    return pd.DataFrame(
+        {
+            "source_line": pd.array([None] * len(ids), dtype="Int64"),
+            "unique_id": pd.Series(list(ids), dtype="str"),
+            "stage": "target",
+            "outcome": REMOVED,
+            "column": "",
+            "value": "",
+            "reason": reason,
+        }
+    )
 
 
 def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
@@ -146,11 +179,11 @@ def markdown_preview(report: pd.DataFrame, limit: int = 20) -> str:
     lines = ["| line | id | stage | column | reason |", "|---:|---|---|---|---|"]
     for row in head.itertuples(index=False):
         cells = [
-            _cell(row.source_line),
-            _cell(row.unique_id),
-            f"{_cell(row.stage)}/{_cell(row.outcome)}",
-            _cell(row.column),
-            _cell(row.reason),
+            markdown_cell(row.source_line),
+            markdown_cell(row.unique_id),
+            f"{markdown_cell(row.stage)}/{markdown_cell(row.outcome)}",
+            markdown_cell(row.column),
+            markdown_cell(row.reason),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     more = len(report) - limit
@@ -159,7 +192,7 @@ def markdown_preview(report: pd.DataFrame, limit: int = 20) -> str:
     return "\n".join(lines)
 
 
-def _cell(value: Any) -> str:
+def markdown_cell(value: Any) -> str:
     """A table cell: missing values blank (not ``nan``), pipes escaped, on one line."""
     text = "" if pd.isna(value) else str(value)
     return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")

@@ -241,6 +241,9 @@ def _summary(
             summary.message = str(notes).splitlines()[-1].lstrip("- ")
     elif failed:
         summary.message = f"{failed} row(s) refused by the destination; the others were imported"
+    unchanged = int(report.get("unchanged", 0) or 0)
+    if unchanged and not summary.message:  # the table's columns add up only with these
+        summary.message = f"{unchanged} row(s) unchanged since the last import, not sent"
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=keys.failure_report, asset_partitions=[state.partition]), limit=1
     ).records

@@ -42,6 +42,14 @@ class PipelineStorage(dg.ConfigurableResource):
         """Advisory locks (see ``locks.py``): a submit holds one per destination."""
         return Path(self.base_dir) / "locks"
 
+    def snapshot_path(self, feed: str) -> Path:
+        """The feed's changed-rows snapshot: what its destination accepted (``snapshot.py``)."""
+        return Path(self.base_dir) / "snapshots" / f"{feed}.parquet"
+
+    def sync_dir(self, feed: str, partition_key: str) -> Path:
+        """Per import: the rows of the file, their hashes and which were sent (``sync_plan.py``)."""
+        return Path(self.base_dir) / "sync" / feed / safe_name(partition_key)
+
 
 class AudienceIOManager(dg.ConfigurableIOManager):
     base_dir: str

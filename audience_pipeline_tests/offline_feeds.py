@@ -35,6 +35,9 @@ def write_offline_feeds(root: Path, feeds: int = 1) -> FeedsFile:
                 "source": "hr_drop",
                 "destination": "cxi",
                 "max_rejection_rate": 0.5,
+                # The tests' files are unrelated lists, not one company's exports over time: the
+                # truncated-export guard (its own tests in test_changed_sync) would stop them.
+                "max_removed_rate": 1.0,
                 "mapping": {"unique_id": "ID", "email": "Email"},
                 "options": {"import_name": "All staff" if n == 1 else f"All staff {n}"},
             }

@@ -184,3 +184,18 @@ def test_bench_cli_emits_json(tmp_path: Path, phones: str) -> None:
         assert pipeline["valid_rows"] + pipeline["rejected_rows"] == ROWS
         assert report["checks"]["time_ratio"]["result"] in {"PASS", "FAIL"}
         assert report["checks"]["rejects"]["result"] == report["checks"]["warnings"]["result"] == "PASS"
+
+
+def test_bench_diff_cli_counts_what_it_planted(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "benchmarks.bench_diff", "--rows", str(ROWS), "--repeat", "1"]
+    cmd += ["--json", "--data-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    report = json.load(io.StringIO(proc.stdout))
+
+    expected = report["prepared"]["expected"]
+    assert report["diff"]["counts"] == expected and report["checks"]["counts_match"]
+    assert expected["changed"] == int(report["prepared"]["valid_rows"] * 0.02)
+    assert expected["removed"] == expected["added"] > 0
+    assert report["diff"]["seconds"] > 0 and report["bare"]["seconds"] > 0
+    assert set(report["checks"]) == {"time_ratio", "own_peak_ratio", "counts_match"}

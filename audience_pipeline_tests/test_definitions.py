@@ -45,7 +45,11 @@ def test_workspace_module_loads_all_definitions(placeholder_env: None) -> None:
     }
     sensors = {s.name for s in defs.sensors}
     checks = {c.name for c in defs.resolve_asset_graph().asset_check_keys}
-    assert checks == {"rejection_rate_within_threshold", "row_accounting_adds_up"}
+    assert checks == {
+        "rejection_rate_within_threshold",
+        "removed_rate_within_threshold",
+        "row_accounting_adds_up",
+    }
     for feed in feeds.feeds:
         assert f"{feed.name}__import_status" in sensors
         assert defs.resolve_job_def(f"{feed.name}__ingest").partitions_def is not None

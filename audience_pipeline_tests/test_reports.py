@@ -192,6 +192,7 @@ def test_row_accounting_metadata() -> None:
         "rejected_by_validation": 2,
         "failed_at_target": 2,
         "ignored_by_target": 1,
+        "unchanged": 0,
         "validation_warnings": 0,
     }
 

@@ -8,7 +8,9 @@ Every partition is in exactly one of these states; the last four are ends a pers
                      credentials fixed later…); attempt ``n`` of ``retries.max_attempts``
 ``importing``        the vendor accepted the import; the status sensor polls it, then the report runs
 ``reported``         the failure report of the partition's latest import exists (done)
-``blocked``          validation rejected more rows than the feed allows; nothing was sent
+``blocked``          validation rejected more rows than the feed allows, or the file lacks more of
+                     the snapshot's employees than ``max_removed_rate`` (a truncated export);
+                     nothing was sent
 ``refused``          the file is not a usable CSV (encoding, header, workbook…); nothing was sent
 ``needs_attention``  the ingest failed ``max_attempts`` times, or the report failed as often
 
@@ -35,7 +37,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from audience_pipeline.assets import REJECTION_CHECK, FeedKeys, handle_of, metadata_of
+from audience_pipeline.assets import REJECTION_CHECK, REMOVED_CHECK, FeedKeys, handle_of, metadata_of
 from audience_pipeline.feeds.model import RetrySettings
 from audience_pipeline.redact import redact
 from audience_pipeline.tags import (
@@ -151,23 +153,41 @@ def run_error(instance: dg.DagsterInstance, run: dg.DagsterRun) -> tuple[str, st
     return f"run {run.run_id} {run.status.value}", None
 
 
-def check_failed(instance: dg.DagsterInstance, asset: dg.AssetKey, name: str, run_id: str) -> bool:
-    """Whether this run's evaluation of the check failed (the latest one may be another partition's)."""
+def failed_check(
+    instance: dg.DagsterInstance, asset: dg.AssetKey, name: str, run_id: str
+) -> dg.AssetCheckEvaluation | None:
+    """This run's failed evaluation of the check, if it failed (the latest one may be another
+    partition's)."""
     records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION).records
     for record in records:
         evaluation = record.event_log_entry.dagster_event.event_specific_data
         if evaluation.asset_key == asset and evaluation.check_name == name and not evaluation.passed:
-            return True
-    return False
+            return evaluation
+    return None
+
+
+def check_failed(instance: dg.DagsterInstance, asset: dg.AssetKey, name: str, run_id: str) -> bool:
+    """Whether this run's evaluation of the check failed (the latest one may be another partition's)."""
+    return failed_check(instance, asset, name, run_id) is not None
+
+
+def is_dry_run(run: dg.DagsterRun) -> bool:
+    """Whether the run was launched with ``import_job`` config ``dry_run: true``: it sends
+    nothing and records no import, so it is no attempt and changes no partition's state."""
+    ops = (run.run_config or {}).get("ops") or {}
+    return any(
+        name.endswith("__import_job") and isinstance(op, dict) and (op.get("config") or {}).get("dry_run")
+        for name, op in ops.items()
+    )
 
 
 def _runs_by(instance: dg.DagsterInstance, job_name: str, tag: str) -> dict[str, list[dg.RunRecord]]:
-    """The job's runs grouped by the value of ``tag``, oldest first."""
+    """The job's runs grouped by the value of ``tag``, oldest first; dry runs left out."""
     grouped: dict[str, list] = defaultdict(list)
     records = instance.get_run_records(dg.RunsFilter(job_name=job_name), limit=RUN_SCAN_LIMIT)
     for record in reversed(records):
         value = record.dagster_run.tags.get(tag)
-        if value:
+        if value and not is_dry_run(record.dagster_run):
             grouped[value].append(record)
     return grouped
 
@@ -277,6 +297,11 @@ def _failed_ingest_state(
             f"rejection rate above {keys.feed.max_rejection_rate:.1%}: nothing was sent; "
             "fix the file (see the rejects) and drop it again"
         )
+        return
+    removed = failed_check(instance, keys.validated_rows, REMOVED_CHECK, run.run_id)
+    if removed is not None:  # the truncated-export guard; its description says how to accept
+        state.state = "blocked"
+        state.detail = removed.description or f"removed rate above {keys.feed.max_removed_rate:.1%}"
         return
     if run.is_success:  # nothing to import and nothing failed: an ingest that stopped short
         state.state = "discovered"

@@ -25,6 +25,9 @@ from audience_pipeline.redact import redact_url
 CANONICAL_FIELDS = ("unique_id", "email", "mobile_phone", "first_name", "last_name")
 AttributeType = Literal["string", "date", "integer", "number", "boolean"]
 InvalidOptionalFields = Literal["clear", "reject"]
+SyncMode = Literal["changed", "full"]
+FILE_REPLACING = frozenset({"communicate_xi", "adobe_experience_platform"})
+"""Destinations whose import file is the whole audience: a row left out is a member removed."""
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]*$"
 _NAME_RE = re.compile(NAME_PATTERN)
 
@@ -287,8 +290,9 @@ class StatusPolling(StrictModel):
     pending imports, not requests), so the defaults are ours: enough to poll 5,000 imports in flight
     at least every two minutes within the sensor's 4.5-second budget per 15-second tick (5,000 /
     120 s is 42 calls a second on average, 140 while a tick runs; 200 leaves a margin). Every feed
-    on the destination shares these limits. An import is polled again after a tenth of its age, and never less often than
-    ``max_interval_seconds``: a two-hour import is not polled every tick, a new one is.
+    on the destination shares these limits. An import is polled again after a tenth of its age,
+    and never less often than ``max_interval_seconds``: a two-hour import is not polled every
+    tick, a new one is.
     """
 
     concurrency: int = Field(default=12, ge=1, le=64)
@@ -460,6 +464,12 @@ class Feed(StrictModel):
     options: dict[str, Any] = Field(default_factory=dict)
     retries: RetrySettings = RetrySettings()
     """How often, and how far apart, a failed run of this feed is tried again."""
+    sync_mode: SyncMode | None = None
+    """``changed``: send only rows added or changed since the feed's snapshot; ``full``: every row.
+    Default: ``changed`` for per-member vendors, ``full`` (the only choice) for file-replacing ones."""
+    max_removed_rate: float = Field(default=0.2, ge=0.0, le=1.0)
+    """Threshold of the blocking check: at most this share of the snapshot's employees may be
+    missing from a new file (a truncated export would otherwise shrink the audience)."""
 
 
 class FeedsFile(StrictModel):
@@ -493,6 +503,12 @@ class FeedsFile(StrictModel):
                     f"feeds[{i}].destination: unknown destination {feed.destination!r}; "
                     f"expected one of {sorted(self.destinations)}"
                 )
+            elif feed.sync_mode == "changed" and self.destinations[feed.destination].type in FILE_REPLACING:
+                problems.append(
+                    f"feeds[{i}].sync_mode: 'changed' is not possible with "
+                    f"{self.destinations[feed.destination].type}: its import file is the whole audience, "
+                    "so a file of changed rows would remove everyone else; use 'full' or leave it out"
+                )
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -502,3 +518,10 @@ class FeedsFile(StrictModel):
 
     def destination_for(self, feed: Feed) -> DestinationConfig:
         return self.destinations[feed.destination]
+
+
+def sync_mode_for(feed: Feed, destination_type: str) -> SyncMode:
+    """The feed's sync mode: its own setting, else its destination's default."""
+    if feed.sync_mode is not None:
+        return feed.sync_mode
+    return "full" if destination_type in FILE_REPLACING else "changed"

@@ -12,7 +12,8 @@ Every request needs the ``Api-User`` and ``Api-Key`` headers (401 otherwise); er
 ``{"error": {"code", "message"}}``. Control routes (no credentials) under ``/_sandbox/yesmail``:
 ``PUT /target-lists/{listname}`` ``{"members": [ids], "archived": false}`` creates a list or
 replaces it (tests seed members this way); ``POST /retrying`` ``{"times": n}`` sends the next
-``n`` tickets through a ``retrying`` phase.
+``n`` tickets through a ``retrying`` phase; ``GET /tickets`` lists every ticket with the member
+ids it carried (what Yesmail received).
 
 Interpretation of the vendor's silences (the client is written against these):
 
@@ -141,6 +142,20 @@ class Results:
     fatal: str | None = None
 
 
+def _member_ids(members: Any) -> list[Any]:
+    return [m.get("id") for m in members if isinstance(m, dict)] if isinstance(members, list) else []
+
+
+def _received_ids(ticket: Ticket) -> list[Any]:
+    """A ticket's member ids: kept once it ran, else read from its body (caller holds the lock)."""
+    if ticket.results is not None:
+        return ticket.member_ids
+    try:
+        return _member_ids(json.loads(ticket.body).get("members"))
+    except (JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return []
+
+
 @dataclass
 class Ticket:
     """One import request; its state is derived from elapsed time, its members checked lazily."""
@@ -162,6 +177,8 @@ class Ticket:
     results: Results | None = None
     total: int = 0
     done_at: datetime | None = None
+    member_ids: list[Any] = field(default_factory=list)
+    """The ids the request carried, kept once the body is dropped (``GET /_sandbox/yesmail/tickets``)."""
 
     def steps(self) -> list[tuple[str, str]]:
         steps = [("accepted", "Accepted"), ("processing", " start importing job ...."),
@@ -303,6 +320,7 @@ class YesmailVendor:
         return [
             Route("/target-lists/{listname}", self._put_list, methods=["PUT"]),
             Route("/retrying", self._set_retrying, methods=["POST"]),
+            Route("/tickets", self._list_tickets, methods=["GET"]),
         ]
 
     def demo_env(self, base_url: str) -> dict[str, str]:
@@ -474,6 +492,7 @@ class YesmailVendor:
             else:
                 fatal = None if isinstance(members, list) else "members must be an array"
             ticket.total = len(members) if fatal is None else 0
+            ticket.member_ids = _member_ids(members) if fatal is None else []
             if fatal is not None:
                 ticket.results = Results(fatal=fatal)
             elif target is None:
@@ -496,6 +515,13 @@ class YesmailVendor:
             target = TargetList(name, {m: {} for m in members}, archived=bool(payload.get("archived", False)))
             self._lists[name] = target
         return JSONResponse({"ok": True, "name": name, "memberCount": len(members)})
+
+    async def _list_tickets(self, request: Request) -> Response:
+        """Every ticket in arrival order with the member ids it carried: what Yesmail received."""
+        with self._lock:
+            tickets = list(self._tickets.values())
+            out = [{"ticket_id": t.id, "list": t.list_name, "members": _received_ids(t)} for t in tickets]
+        return JSONResponse({"tickets": out})
 
     async def _set_retrying(self, request: Request) -> Response:
         try:

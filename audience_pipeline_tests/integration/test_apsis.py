@@ -122,8 +122,10 @@ def test_first_push_then_a_changed_file_updates_the_profiles(apsis_pipeline) -> 
     pipeline.wait_for_reports()
 
     second = pipeline.metadata("failure_report", runs[0].tags["dagster/partition"])
-    assert (second["imported"], second["failed_at_target"]) == (192, 2)
-    assert second["vendor_counts"]["created"] == 0 and second["vendor_counts"]["updated"] == 192
+    # sync_mode changed (APSIS One's default): the one changed row, and the two that failed last time
+    assert (second["sent"], second["imported"], second["failed_at_target"]) == (3, 1, 2)
+    assert second["unchanged"] == 191
+    assert second["vendor_counts"]["created"] == 0 and second["vendor_counts"]["updated"] == 1
     assert len(_vendor_state(pipeline)["imports"]) == 2
 
 
