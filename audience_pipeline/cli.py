@@ -82,7 +82,7 @@ def run_demo(home: Path, *, pace: float = 0.3, settings: SandboxSettings | None 
             os.environ.update(vendor.demo_env(server.vendor_url(name)))
         print(f"sandbox listening on {server.url}; working folder {home}")
         # The instance of $DAGSTER_HOME/dagster.yaml when it is set (Postgres, say), as for sync.
-        return _run(load_feeds(), home, feed_names=None, timeout=120.0, poll_interval=0.2, ephemeral=False)
+        return _run(load_feeds(), home, feed_names=None, timeout=120.0, poll_interval=0.2)
 
 
 SECRET_FIELD_SUFFIXES = ("_key", "_secret", "_token", "_client_id", "_api_user")
@@ -107,11 +107,10 @@ def _sync(args: argparse.Namespace) -> int:
         feed_names=args.feed,
         timeout=args.timeout,
         poll_interval=args.poll_interval,
-        ephemeral=False,
     )
 
 
-def _run(feeds, home: Path, *, feed_names, timeout: float, poll_interval: float, ephemeral: bool) -> int:
+def _run(feeds, home: Path, *, feed_names, timeout: float, poll_interval: float) -> int:
     """Only the selected feeds are built, so one feed's run needs only its own variables; a
     missing variable is one line per key, before anything starts."""
     import dagster as dg
@@ -133,7 +132,7 @@ def _run(feeds, home: Path, *, feed_names, timeout: float, poll_interval: float,
     defs = build_definitions(feeds, home)
     # Two syncs on one home must not both create the SQLite schema ("table runs already exists").
     with held(home / "locks", "instance", timeout=120):
-        if os.environ.get("DAGSTER_HOME") and not ephemeral:
+        if os.environ.get("DAGSTER_HOME"):
             instance = dg.DagsterInstance.get()
         else:
             (home / "dagster").mkdir(parents=True, exist_ok=True)

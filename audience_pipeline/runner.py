@@ -5,7 +5,7 @@ see the run's process is gone, mark it failed and retry the partition (``lifecyc
 
 ``audience-pipeline demo`` and ``sync`` use this so that a one-shot run exercises exactly the
 sensors, partitions, jobs, checks and run keys that ``dagster dev`` schedules, on any instance
-(ephemeral for the demo, ``$DAGSTER_HOME`` for sync so cursors and run keys persist).
+(``$DAGSTER_HOME``'s when set, so cursors and run keys persist; else SQLite under the home).
 """
 
 from __future__ import annotations

@@ -192,8 +192,9 @@ def _save(instance: dg.DagsterInstance, keys: FeedKeys, state: dict[str, Any]) -
 
 
 def _remember(keys: FeedKeys, storage_id: int, handle: JobHandle) -> None:
-    _HANDLES[(keys.import_job.to_user_string(), storage_id)] = handle
-    _HANDLES.move_to_end((keys.import_job.to_user_string(), storage_id))
+    key = (keys.import_job.to_user_string(), storage_id)
+    _HANDLES[key] = handle
+    _HANDLES.move_to_end(key)
     while len(_HANDLES) > HANDLE_CACHE_SIZE:
         _HANDLES.popitem(last=False)
 
