@@ -19,6 +19,7 @@ so the retry sensor leaves them alone.
 """
 
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -37,10 +38,13 @@ from audience_pipeline.destinations.base import (
     every_row,
 )
 from audience_pipeline.destinations.http import VendorHTTPError
+from audience_pipeline.destinations.registry import describe_target
 from audience_pipeline.feeds.model import FILE_REPLACING, Feed, FeedsFile
 from audience_pipeline.guard import removed_rate
 from audience_pipeline.locks import held
 from audience_pipeline.normalize import MappingError
+from audience_pipeline.object_store import local_copy, metadata_value, storage_path
+from audience_pipeline.partition_content import expected_content, record_content
 from audience_pipeline.reports import (
     REJECTED,
     REPORT_COLUMNS,
@@ -48,13 +52,22 @@ from audience_pipeline.reports import (
     build_report,
     count_outcomes,
     leaver_rows,
+    markdown_cell,
     markdown_preview,
     validation_findings,
     write_report,
 )
 from audience_pipeline.snapshot import ID, SnapshotInfo, next_snapshot, read_snapshot, write_snapshot
-from audience_pipeline.sources.base import StagedFile, split_partition_key, stage_or_reuse
-from audience_pipeline.sync_plan import LEAVER_REASONS, PreparedSync, StoredPlan, prepare_sync, read_plan
+from audience_pipeline.sources.base import StagedFile, same_content, split_partition_key, stage_or_reuse
+from audience_pipeline.sources.registry import describe_source, source_url
+from audience_pipeline.sync_plan import (
+    LEAVER_REASONS,
+    VENDOR_NAMES,
+    PreparedSync,
+    StoredPlan,
+    prepare_sync,
+    read_plan,
+)
 from audience_pipeline.tags import (
     ATTEMPT_TAG,
     FINAL_DETAIL_TAG,
@@ -62,6 +75,7 @@ from audience_pipeline.tags import (
     FINAL_STATE_TAG,
     IMPORT_TAG,
     OUTCOME_METADATA,
+    OUTCOME_TAG,
     POLL_GAVE_UP,
 )
 from audience_pipeline.validation import ValidationResult, validate_for_feed
@@ -79,10 +93,12 @@ NOT_APPLIED_STATUSES = frozenset({400, 401, 403, 404, 405, 409, 413, 415, 422, 4
 SUBMIT_LOCK_SECONDS = 3600.0
 SNAPSHOT_LOCK_SECONDS = 600.0
 REFUSED = {OUTCOME_METADATA: "refused"}
+MAX_DETAIL_JOBS = 10
 
 
 class FeedKeys:
-    """Names of everything one feed defines, shared by assets, jobs and sensors."""
+    """Names of everything one feed defines, shared by assets, jobs and sensors, and the words
+    that say what the feed is (its target, its source) in descriptions, metadata and logs."""
 
     def __init__(self, feed: Feed, feeds: FeedsFile) -> None:
         self.feed = feed
@@ -90,6 +106,11 @@ class FeedKeys:
         self.destination_resource = f"destination_{feed.destination}"
         self.vendor = feeds.destination_for(feed).type
         self.source_type = feeds.source_for(feed).type
+        self.target = describe_target(feeds.destination_for(feed), feed.options)
+        """E.g. ``Communicate XI import "All staff"``: what the feed writes to at its vendor."""
+        self.source = describe_source(feeds.source_for(feed))
+        """Where the files come from (folder, bucket, host, report address; no credential)."""
+        self.source_url = source_url(feeds.source_for(feed))
         self.partitions = dg.DynamicPartitionsDefinition(name=f"{feed.name}__files")
         self.hr_file = dg.AssetKey([feed.name, "hr_file"])
         self.validated_rows = dg.AssetKey([feed.name, "validated_rows"])
@@ -98,6 +119,31 @@ class FeedKeys:
         self.failure_report = dg.AssetKey([feed.name, "failure_report"])
         self.ingest_job = f"{feed.name}__ingest"
         self.report_job = f"{feed.name}__report"
+
+    def about(self) -> str:
+        """Feed, destination, target and source in a few sentences, ending every asset and job
+        description: Dagster 1.13 asset groups carry no description of their own (only a name),
+        so this is where the feeds file's ``description`` shows in the UI."""
+        said = f"{self.feed.description.rstrip('.')}. " if self.feed.description else ""
+        return (
+            f"Feed {self.feed.name}: {said}From {self.source} (source {self.feed.source}) to "
+            f"{self.target} (destination {self.feed.destination})."
+        )
+
+    def report_run_config(self, config: "ReportConfig") -> dict:
+        """Run config that hands ``config`` to ``failure_report`` (its op is named after its key)."""
+        op = self.failure_report.to_python_identifier()
+        return {"ops": {op: {"config": config.model_dump()}}}
+
+    def definition_metadata(self) -> dict[str, str]:
+        """The same facts as labelled values on every asset's definition."""
+        return {
+            "feed": self.feed.name,
+            **({"feed_description": self.feed.description} if self.feed.description else {}),
+            "source": self.source,
+            "destination": self.feed.destination,
+            "target": self.target,
+        }
 
 
 class ValidateConfig(dg.Config):
@@ -113,6 +159,19 @@ class ImportJobConfig(dg.Config):
     dry_run: bool = False
     """Diff the file against the snapshot and say what would be sent; send nothing, record no
     import (an observation of ``import_job`` holds the counts)."""
+
+
+class ReportConfig(dg.Config):
+    """How the import ended, as the import-status sensor's last poll saw it, so the report does not
+    poll a finished job again. Run config rather than run tags: the vendor's word ("failed" for a
+    Communicate XI import that took 192 of 194 rows) would contradict the run's normalised
+    ``outcome`` tag. Empty when the report is launched by hand: the vendor is asked then."""
+
+    vendor_status: str = ""
+    """The vendor's final word for the import."""
+    job_state: str = ""
+    """``succeeded`` or ``failed`` (``JobState``)."""
+    detail: str = ""
 
 
 def metadata_of(record: dg.EventLogRecord | None) -> dict:
@@ -162,31 +221,39 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
     keys = FeedKeys(feed, feeds)
     destination = feeds.destination_for(feed)
     common = {"partitions_def": keys.partitions, "group_name": feed.name}
+    about = keys.about()
+    facts = keys.definition_metadata()
 
     @dg.asset(
         key=keys.hr_file,
         kinds={"csv", keys.source_type},
         io_manager_key=IO_MANAGER_KEY,
         required_resource_keys={keys.source_resource, STORAGE_KEY},
-        description=f"The HR export for feed {feed.name}, copied into staging with its sha256.",
+        description=(
+            f"The HR export, copied from {keys.source} into staging with its sha256; the partition "
+            f"is the file's name (with a short hash when the name came before with other content). {about}"
+        ),
+        metadata=facts,
         **common,
     )
     def hr_file(context: dg.AssetExecutionContext) -> StagedFile:
-        name, short_hash = split_partition_key(context.partition_key)
+        name = split_partition_key(context.partition_key)[0]
         source = getattr(context.resources, keys.source_resource)
         storage = getattr(context.resources, STORAGE_KEY)
         staged = stage_or_reuse(source, name, storage.staging_dir(feed.name, context.partition_key))
-        if not staged.sha256.startswith(short_hash):
-            raise dg.Failure(
-                description=(
-                    f"{name} changed since it was discovered (sha256 {staged.sha256[:10]}…, partition "
-                    f"expects {short_hash}…); the new content arrives as a new partition."
-                ),
-                allow_retries=False,
-                metadata=REFUSED,
-            )
+        _check_content(context, feed.name, name, staged)
+        context.log.info(
+            f"staged {name} from {source.describe()}: {_size(staged.size)}, sha256 {staged.sha256[:12]}…"
+        )
         context.add_output_metadata(
-            {"sha256": staged.sha256, "size_bytes": staged.size, "source": source.describe()}
+            {
+                "file_name": name,
+                "sha256": dg.MetadataValue.text(staged.sha256),
+                "size_bytes": staged.size,
+                "source": source.describe(),
+                **({"source_url": dg.MetadataValue.url(keys.source_url)} if keys.source_url else {}),
+                "staged_copy": metadata_value(storage_path(staged.path)),
+            }
         )
         return staged
 
@@ -196,7 +263,10 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
                 key=keys.validated_rows,
                 io_manager_key=IO_MANAGER_KEY,
                 kinds={"pandas", "parquet"},
-                description="Normalised rows that passed the employee schema, with their source_line.",
+                description=(
+                    f"Normalised rows that passed the employee schema, with their source_line. {about}"
+                ),
+                metadata=facts,
             ),
             "rejected_rows": dg.AssetOut(
                 key=keys.rejected_rows,
@@ -204,26 +274,30 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
                 kinds={"pandas", "parquet"},
                 description=(
                     "Rows refused by validation (outcome rejected) and values cleared from rows that "
-                    "were kept (outcome warning): line, identifier, column, value and reason."
+                    "were kept (outcome warning). The preview shows line, identifier, stage/outcome, "
+                    "column and reason, not the value (it may be personal data); every column, value "
+                    "included, is in rejects.csv (the rejects_csv entry) and in this asset's parquet "
+                    f"file. {about}"
                 ),
+                metadata=facts,
             ),
         },
         ins={"hr_file": dg.AssetIn(key=keys.hr_file)},
         check_specs=[
-            dg.AssetCheckSpec(
+            _check_spec(
+                keys,
                 REJECTION_CHECK,
-                asset=keys.validated_rows,
+                keys.validated_rows,
+                f"At most {feed.max_rejection_rate:.1%} of the file's rows may be rejected.",
                 blocking=True,
-                description=f"At most {feed.max_rejection_rate:.1%} of the file's rows may be rejected.",
             ),
-            dg.AssetCheckSpec(
+            _check_spec(
+                keys,
                 REMOVED_CHECK,
-                asset=keys.validated_rows,
+                keys.validated_rows,
+                f"At most {feed.max_removed_rate:.1%} of the snapshot's employees may be missing "
+                "from the file (a truncated export); run config accept_removals: true lets it through.",
                 blocking=True,
-                description=(
-                    f"At most {feed.max_removed_rate:.1%} of the snapshot's employees may be missing "
-                    "from the file (a truncated export); run config accept_removals: true lets it through."
-                ),
             ),
         ],
         name=f"{feed.name}__validate",
@@ -232,10 +306,16 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
     )
     def validate(context: dg.AssetExecutionContext, config: ValidateConfig, hr_file: StagedFile) -> Iterator:
         try:
-            result = validate_for_feed(hr_file.path, feed)
+            with local_copy(storage_path(hr_file.path)) as staged_copy:  # run-local when on S3
+                result = validate_for_feed(staged_copy, feed)
         except (CsvFileError, MappingError) as exc:
             raise dg.Failure(description=str(exc), allow_retries=False, metadata=REFUSED) from None
         rate = result.rejection_rate
+        context.log.info(
+            f"validated {hr_file.name}: {result.source_rows} rows, {len(result.valid)} valid, "
+            f"{len(result.rejects)} rejected ({rate:.2%}, at most {feed.max_rejection_rate:.2%} allowed), "
+            f"{len(result.warnings)} with a value cleared (warnings)"
+        )
         findings = validation_findings(result.rejects, result.warnings)  # carried to failure_report
         as_report = findings.assign(stage="validation")[REPORT_COLUMNS]
         storage = getattr(context.resources, STORAGE_KEY)
@@ -249,7 +329,7 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
             metadata={
                 "dagster/row_count": len(findings),
                 "warnings": len(result.warnings),
-                "rejects_csv": dg.MetadataValue.path(str(rejects_csv)),
+                "rejects_csv": metadata_value(rejects_csv),
                 "preview": dg.MetadataValue.md(markdown_preview(as_report)),
             },
         )
@@ -287,9 +367,10 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
         pool=f"{keys.vendor}_api",
         output_required=False,  # a dry run records no import
         description=(
-            "The vendor import started for this file (its changed rows, or every row under "
-            "sync_mode full); polled by the import-status sensor."
+            f"The import into {keys.target} started for this file (its changed rows, or every row "
+            f"under sync_mode full); polled by the import-status sensor. {about}"
         ),
+        metadata=facts,
         **common,
     )
     def import_job(
@@ -313,8 +394,17 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
         sync_dir = storage.sync_dir(feed.name, context.partition_key)
         with held(storage.lock_dir(), f"submit-{feed.destination}", timeout=SUBMIT_LOCK_SECONDS):
             handle, reused = _submit_once(context, keys, feed, config, validated_rows, prepare, sync_dir)
+        if handle.jobs and not reused:
+            context.log.info(
+                f"submitted {handle.submitted_rows} rows to {keys.target} as "
+                f"{_jobs_phrase(handle)}; the import-status sensor follows it"
+            )
         yield dg.Output(
-            handle, metadata={**_handle_metadata(handle, reused=reused), **_sync_metadata(handle)}
+            handle,
+            metadata={
+                **_handle_metadata(handle, reused=reused, target=keys.target),
+                **_sync_metadata(handle),
+            },
         )
 
     @dg.asset(
@@ -329,29 +419,34 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
         kinds={"csv", keys.vendor},
         required_resource_keys={keys.destination_resource, STORAGE_KEY},
         check_specs=[
-            dg.AssetCheckSpec(
+            _check_spec(
+                keys,
                 ACCOUNTING_CHECK,
-                asset=keys.failure_report,
-                description=(
-                    "source rows = rejected + unchanged + submitted, submitted = imported + failed "
-                    "(+ ignored), and the vendor agrees."
-                ),
+                keys.failure_report,
+                "source rows = rejected + unchanged + submitted, submitted = imported + failed "
+                "(+ ignored), and the vendor's own count of imported rows agrees where it reports one "
+                "(Experience Platform reports none).",
             )
         ],
         pool=f"{keys.vendor}_api",
         description=(
-            "Every rejected or failed row with its source line, identifier and reason, and the "
-            "leavers a per-member vendor keeps; writes the feed's changed-rows snapshot."
+            f"How the import into {keys.target} ended: one outcome word for every vendor "
+            "(completed, completed_with_failures, failed, timed_out, poll_failed, unchanged) next "
+            "to the vendor's own word, the counts, and failures.csv with every rejected or failed "
+            "row (source line, identifier, reason) and the leavers a per-member vendor keeps; "
+            f"writes the feed's changed-rows snapshot. {about}"
         ),
+        metadata=facts,
         **common,
     )
     def failure_report(
         context: dg.AssetExecutionContext,
+        config: ReportConfig,
         import_job: JobHandle,
         rejected_rows: pd.DataFrame,
         validated_rows: pd.DataFrame,
     ) -> dg.MaterializeResult:
-        outcome, vendor_status = _report_outcome(context, keys, feed, import_job)
+        outcome, vendor_status = _report_outcome(context, keys, feed, import_job, config)
         storage = getattr(context.resources, STORAGE_KEY)
         plan = _stored_plan(
             storage.sync_dir(feed.name, context.partition_key), import_job, len(validated_rows)
@@ -392,18 +487,30 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
             context.log.info(snapshot_note)
         vendor_imported = outcome.vendor_counts.get("processed")
         vendor_agrees = vendor_imported is None or vendor_imported == outcome.imported
+        word = _normalised_outcome(vendor_status, accounting)
+        context.log.info(
+            f"import finished: {accounting.imported} imported, {accounting.failed} failed, "
+            f"{accounting.ignored} ignored of {accounting.submitted} sent to {keys.target} "
+            f"({word}; {VENDOR_NAMES.get(keys.vendor, keys.vendor)} said {vendor_status!r})"
+        )
+        context.log.info(
+            f"report {metadata_value(path).value}: {len(report)} row(s), {accounting.rejected} rejected by "
+            f"validation, {accounting.failed} failed at the destination, {accounting.warnings} warning(s)"
+        )
+        context.instance.add_run_tags(context.run.run_id, {OUTCOME_TAG: word})
         return dg.MaterializeResult(
             metadata={
                 **accounting.as_metadata(),
                 **_sync_metadata(import_job),
                 "snapshot": snapshot_note,
                 "dagster/row_count": len(report),
+                "outcome": word,
                 "vendor_status": vendor_status,
-                "outcome": _normalised_outcome(vendor_status, accounting),
-                "import_key": import_job.key,
+                "target": keys.target,
+                "import_key": dg.MetadataValue.text(import_job.key),
                 "vendor_counts": dg.MetadataValue.json(outcome.vendor_counts),
-                "jobs": ", ".join(j.job_id for j in import_job.jobs) or "none",
-                "report_path": dg.MetadataValue.path(str(path)),
+                "jobs": dg.MetadataValue.text(", ".join(j.job_id for j in import_job.jobs) or "none"),
+                "report_path": metadata_value(path),
                 "preview": dg.MetadataValue.md(markdown_preview(report)),
                 **(
                     {"notes": dg.MetadataValue.md("\n".join(f"- {n}" for n in outcome.notes))}
@@ -416,16 +523,100 @@ def build_feed_assets(feed: Feed, feeds: FeedsFile) -> list[dg.AssetsDefinition]
                     check_name=ACCOUNTING_CHECK,
                     passed=accounting.balanced and vendor_agrees,
                     severity=dg.AssetCheckSeverity.ERROR,
+                    description=_accounting_summary(accounting, vendor_imported, keys.vendor),
                     metadata={
                         **accounting.as_metadata(),
                         "submitted": accounting.submitted,
-                        "vendor_imported": -1 if vendor_imported is None else vendor_imported,
+                        **({"vendor_imported": vendor_imported} if vendor_imported is not None else {}),
+                        "vendor_count": (
+                            "not reported"
+                            if vendor_imported is None
+                            else ("agrees" if vendor_agrees else "differs")
+                        ),
                     },
                 )
             ],
         )
 
     return [hr_file, validate, import_job, failure_report]
+
+
+def _jobs_phrase(handle: JobHandle) -> str:
+    """``job 123`` or ``4 jobs (a, b, …)`` for log lines."""
+    ids = [job.job_id for job in handle.jobs]
+    if len(ids) == 1:
+        return f"job {ids[0]}"
+    shown = ", ".join(ids[:3]) + (", …" if len(ids) > 3 else "")
+    return f"{len(ids)} jobs ({shown})"
+
+
+def _accounting_summary(accounting: RowAccounting, vendor_imported: int | None, vendor: str) -> str:
+    """The accounting check's one line: both sums, and what the vendor's own count says."""
+    a = accounting
+    sums = (
+        f"{a.source_rows} source rows = {a.rejected} rejected + {a.unchanged} unchanged + "
+        f"{a.submitted} submitted; {a.submitted} submitted = {a.imported} imported + {a.failed} "
+        f"failed + {a.ignored} ignored"
+    )
+    if not a.balanced:
+        sums = f"does not add up: {sums}"
+    name = VENDOR_NAMES.get(vendor, vendor)
+    if vendor_imported is None:
+        return f"{sums}; {name} reports no count of its own"
+    agrees = "agrees" if vendor_imported == a.imported else "disagrees"
+    return f"{sums}; {name} counts {vendor_imported} imported ({agrees})"
+
+
+def _check_spec(
+    keys: FeedKeys, name: str, asset: dg.AssetKey, description: str, *, blocking: bool = False
+) -> dg.AssetCheckSpec:
+    """A check whose results belong to the file's partition.
+
+    Dagster 1.13 supports partitioned asset checks (``AssetCheckSpec(partitions_def=...)``, a
+    preview API since 1.12): with the asset's own dynamic partitions each ``AssetCheckResult``
+    yielded in a partitioned run is stored with that partition, so the UI shows which file a
+    result is about, and a failed blocking check in a multi-asset still stops ``import_job``.
+    The preview warning is silenced here, where the choice is made once.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        return dg.AssetCheckSpec(
+            name, asset=asset, blocking=blocking, description=description, partitions_def=keys.partitions
+        )
+
+
+def _check_content(context: dg.AssetExecutionContext, feed: str, name: str, staged: StagedFile) -> None:
+    """Refuse a staged file whose content is not the one its partition was made for.
+
+    A hashed key names its content; a bare one has it recorded (``partition_content.py``). A bare
+    key without a record (added by hand in the UI) takes the file as it is now, and records it.
+    """
+    partition = context.partition_key
+    expected = expected_content(context.instance, feed, partition)
+    if expected is None:
+        record_content(context.instance, feed, {partition: staged.sha256})
+        context.log.warning(
+            f"{partition}: no content was recorded for this partition (added by hand?); {name} is "
+            f"taken as it is now (sha256 {staged.sha256[:12]}…) and later runs must match it"
+        )
+    elif not same_content(staged.sha256, expected):
+        raise dg.Failure(
+            description=(
+                f"{name} changed since it was discovered (sha256 {staged.sha256[:10]}…, partition "
+                f"{partition} expects {expected[:10]}…); the new content arrives as a new partition."
+            ),
+            allow_retries=False,
+            metadata=REFUSED,
+        )
+
+
+def _size(size: int) -> str:
+    """Bytes for a person: ``48.1 kB``."""
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1000  # type: ignore[assignment]
+    raise AssertionError("unreachable")
 
 
 def removed_rate_check(
@@ -546,13 +737,40 @@ def _update_snapshot(
     return f"snapshot replaced: {table.num_rows} employees ({len(failed)} failed row(s) will be sent again)"
 
 
-def _handle_metadata(handle: JobHandle, *, reused: bool) -> dict:
+def _handle_metadata(handle: JobHandle, *, reused: bool, target: str | None = None) -> dict:
+    """The handle as readable, typed entries; ``job_handle`` keeps the whole record (JSON) that
+    the status sensor and the report read back."""
     return {
-        "job_handle": dg.MetadataValue.json(handle.model_dump(mode="json")),
-        "jobs": ", ".join(j.job_id for j in handle.jobs) or "none",
+        **({"target": target} if target else {}),
+        "jobs": dg.MetadataValue.text(", ".join(j.job_id for j in handle.jobs) or "none"),
+        "import_key": dg.MetadataValue.text(handle.key),
         "submitted_rows": handle.submitted_rows,
+        "submitted_at": dg.MetadataValue.timestamp(handle.submitted_at),
         "reused_previous_import": reused,
+        "vendor_details": dg.MetadataValue.md(_vendor_details(handle)),
+        "job_handle": dg.MetadataValue.json(handle.model_dump(mode="json")),
     }
+
+
+_HIDDEN_DETAILS = ("sync", "notes", "url", "upload", "not_sent_rows", "refused", "part_bytes")
+"""Handle fields left out of ``vendor_details``: shown elsewhere, long lists, or addresses that
+may carry a signature (upload URLs are never shown)."""
+
+
+def _vendor_details(handle: JobHandle) -> str:
+    """The vendor's fields of the handle (import id, list, section, …) as a small Markdown table."""
+    rows = [("vendor", handle.vendor)]
+    for key, value in sorted(handle.extra.items()):
+        if any(h in key for h in _HIDDEN_DETAILS) or isinstance(value, dict | list):
+            continue
+        rows.append((key, markdown_cell(value)))
+    rows += [
+        (f"job {i + 1}", f"{j.job_id} (rows {j.first_row + 1}–{j.first_row + j.row_count})")
+        for i, j in enumerate(handle.jobs[:MAX_DETAIL_JOBS])
+    ]
+    if len(handle.jobs) > MAX_DETAIL_JOBS:
+        rows.append(("more jobs", str(len(handle.jobs) - MAX_DETAIL_JOBS)))
+    return "\n".join(["| field | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
 
 def _observations(instance: dg.DagsterInstance, keys: FeedKeys, partition: str) -> list[dg.EventLogRecord]:
@@ -676,7 +894,7 @@ def _submit_once(
         intent = SubmitIntent(
             feed=feed.name,
             partition=partition,
-            sha256=split_partition_key(partition)[1],
+            sha256=expected_content(context.instance, feed.name, partition) or "",
             attempt=int(context.run.tags.get(ATTEMPT_TAG, "1") or 1),
             recorded_at=time.time(),
             rows=len(rows),
@@ -709,7 +927,11 @@ def _observe(context: dg.AssetExecutionContext, keys: FeedKeys, kind: str, value
 
 
 def _report_outcome(
-    context: dg.AssetExecutionContext, keys: FeedKeys, feed: Feed, handle: JobHandle
+    context: dg.AssetExecutionContext,
+    keys: FeedKeys,
+    feed: Feed,
+    handle: JobHandle,
+    config: ReportConfig | None = None,
 ) -> tuple[JobOutcome, str]:
     """The vendor's final result, or every row failed when the pipeline stopped waiting for it."""
     tags = context.run.tags
@@ -729,15 +951,28 @@ def _report_outcome(
         reason = f"import {final.replace('_', ' ')}: {detail}; the vendor's result is unknown"
         failures = [f for job in handle.jobs for f in every_row(job, reason)]
         return JobOutcome(submitted=handle.submitted_rows, failures=failures, notes=[*notes, detail]), final
+    known = _status_from_config(config) or _status_from_tags(tags)
     outcome, vendor_status = _final_outcome(
-        getattr(context.resources, keys.destination_resource), feed, handle, _status_from_tags(tags)
+        getattr(context.resources, keys.destination_resource), feed, handle, known
     )
     outcome.notes[:0] = notes
     return outcome, vendor_status
 
 
-def _status_from_tags(tags: Mapping[str, str]) -> JobStatus | None:
+def _status_from_config(config: ReportConfig | None) -> JobStatus | None:
     """The terminal status the sensor's last poll saw, when this run was requested by it."""
+    if config is None or not config.job_state or not config.vendor_status:
+        return None
+    try:
+        return JobStatus(
+            state=JobState(config.job_state), vendor_status=config.vendor_status, detail=config.detail
+        )
+    except ValueError:  # config written by hand
+        return None
+
+
+def _status_from_tags(tags: Mapping[str, str]) -> JobStatus | None:
+    """The same from the tags of a report run an earlier release requested."""
     state, word = tags.get(FINAL_JOB_STATE_TAG), tags.get(FINAL_STATE_TAG)
     if not state or not word:
         return None

@@ -13,10 +13,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from audience_pipeline.feeds.loader import FEEDS_ENV_VAR, FeedsFileError, load_feeds
-from audience_pipeline.storage import HOME_ENV_VAR
+from audience_pipeline.storage import HOME_ENV_VAR, STORAGE_ENV_VAR, storage_url
 
 if TYPE_CHECKING:
     from audience_pipeline.sandbox.app import SandboxSettings
+
+HOME_HELP = (
+    f"working folder (default: ${HOME_ENV_VAR} or ./.audience_pipeline): the SQLite instance without "
+    f"$DAGSTER_HOME, and the storage unless ${STORAGE_ENV_VAR} or the feeds file's storage names one"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,15 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the bundled demo feeds against a local sandbox")
-    demo.add_argument("--home", type=Path, help="where staging, assets and reports go (default: a temp dir)")
+    demo.add_argument(
+        "--home",
+        type=Path,
+        help=f"working folder, and the storage unless ${STORAGE_ENV_VAR} is set (default: a temp dir)",
+    )
     demo.add_argument("--pace", type=float, default=0.3, help="sandbox seconds per import-job state")
 
     sync = sub.add_parser("sync", help="run your feeds once against their configured endpoints")
     sync.add_argument("--feeds", type=Path, help=f"feeds file (default: ${FEEDS_ENV_VAR})")
     sync.add_argument("--feed", action="append", help="only this feed (repeatable)")
-    sync.add_argument(
-        "--home", type=Path, help=f"working folder (default: ${HOME_ENV_VAR} or ./.audience_pipeline)"
-    )
+    sync.add_argument("--home", type=Path, help=HOME_HELP)
     sync.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for imports to end")
     sync.add_argument("--poll-interval", type=float, default=10.0)
 
@@ -48,9 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--feeds", type=Path, help=f"feeds file (default: ${FEEDS_ENV_VAR})")
     plan.add_argument("--feed", action="append", help="only this feed (repeatable)")
     plan.add_argument("--file", type=Path, help="this HR file instead of the newest in each feed's source")
-    plan.add_argument(
-        "--home", type=Path, help=f"working folder (default: ${HOME_ENV_VAR} or ./.audience_pipeline)"
-    )
+    plan.add_argument("--home", type=Path, help=HOME_HELP)
 
     sandbox = sub.add_parser("sandbox", help="serve the vendor API emulator on 127.0.0.1")
     sandbox.add_argument("--port", type=int, default=8765)
@@ -80,9 +85,10 @@ def run_demo(home: Path, *, pace: float = 0.3, settings: SandboxSettings | None 
     with SandboxServer(settings) as server:
         for name, vendor in server.app.vendors.items():
             os.environ.update(vendor.demo_env(server.vendor_url(name)))
-        print(f"sandbox listening on {server.url}; working folder {home}")
+        feeds = load_feeds()
+        print(f"sandbox listening on {server.url}; working folder {home}; storage {storage_url(feeds, home)}")
         # The instance of $DAGSTER_HOME/dagster.yaml when it is set (Postgres, say), as for sync.
-        return _run(load_feeds(), home, feed_names=None, timeout=120.0, poll_interval=0.2)
+        return _run(feeds, home, feed_names=None, timeout=120.0, poll_interval=0.2)
 
 
 SECRET_FIELD_SUFFIXES = ("_key", "_secret", "_token", "_client_id", "_api_user")
@@ -113,11 +119,9 @@ def _sync(args: argparse.Namespace) -> int:
 def _run(feeds, home: Path, *, feed_names, timeout: float, poll_interval: float) -> int:
     """Only the selected feeds are built, so one feed's run needs only its own variables; a
     missing variable is one line per key, before anything starts."""
-    import dagster as dg
-
     from audience_pipeline.definitions import build_definitions
     from audience_pipeline.feeds.loader import check_environment, register_feed_secrets, select_feeds
-    from audience_pipeline.locks import held
+    from audience_pipeline.instance import open_instance
     from audience_pipeline.redact import install_log_redaction
     from audience_pipeline.runner import NEEDS_A_PERSON_NOW, format_summaries, run_feeds
 
@@ -130,13 +134,7 @@ def _run(feeds, home: Path, *, feed_names, timeout: float, poll_interval: float)
     install_log_redaction()
     register_feed_secrets(feeds)
     defs = build_definitions(feeds, home)
-    # Two syncs on one home must not both create the SQLite schema ("table runs already exists").
-    with held(home / "locks", "instance", timeout=120):
-        if os.environ.get("DAGSTER_HOME"):
-            instance = dg.DagsterInstance.get()
-        else:
-            (home / "dagster").mkdir(parents=True, exist_ok=True)
-            instance = dg.DagsterInstance.local_temp(tempdir=str(home / "dagster"))
+    instance = open_instance(home)
     try:
         summaries = run_feeds(defs, feeds, instance, timeout=timeout, poll_interval=poll_interval)
     finally:
@@ -203,7 +201,7 @@ def _plan(args: argparse.Namespace) -> int:
     register_feed_secrets(feeds)
     blocked = False
     for feed in feeds.feeds:
-        plan = plan_feed(feed, feeds, home, args.file)
+        plan = plan_feed(feed, feeds, storage_url(feeds, home), args.file)
         print("\n".join(format_plan(plan)))
         blocked = blocked or plan.blocked
     print("dry run: nothing was sent to any destination")

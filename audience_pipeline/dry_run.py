@@ -68,8 +68,9 @@ def newest_file(feed: Feed, feeds: FeedsFile, into: Path) -> Path | None:
         return Path(stage(source, newest.name, into).path)
 
 
-def plan_feed(feed: Feed, feeds: FeedsFile, home: Path, file: Path | None = None) -> FeedPlan:
-    """Validate and diff ``file`` (default: the newest in the source) for ``feed``."""
+def plan_feed(feed: Feed, feeds: FeedsFile, storage: str | Path, file: Path | None = None) -> FeedPlan:
+    """Validate and diff ``file`` (default: the newest in the source) for ``feed`` against its
+    snapshot in ``storage`` (a local folder or an ``s3://`` URL, ``storage.storage_location``)."""
     vendor = feeds.destination_for(feed).type
     with tempfile.TemporaryDirectory(prefix="audience-plan-") as tmp:
         try:
@@ -89,7 +90,7 @@ def plan_feed(feed: Feed, feeds: FeedsFile, home: Path, file: Path | None = None
         len(result.rejects),
         result.rejection_rate,
     )
-    snapshot_path = PipelineStorage(base_dir=str(home)).snapshot_path(feed.name)
+    snapshot_path = PipelineStorage(base_dir=str(storage)).snapshot_path(feed.name)
     valid_ids = pa.array(result.valid["unique_id"], pa.large_string())
     rejected_ids = pa.array(result.rejects["unique_id"], pa.large_string())
     out.removed = removed_rate(feed.name, feed.max_removed_rate, snapshot_path, valid_ids, rejected_ids)

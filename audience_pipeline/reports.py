@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from audience_pipeline.destinations.base import JobOutcome
+from audience_pipeline.object_store import StorePath, write_file
 
 REPORT_COLUMNS = ["source_line", "unique_id", "stage", "outcome", "column", "value", "reason"]
 REJECTED, WARNING, REMOVED = "rejected", "warning", "removed"
@@ -164,10 +164,11 @@ def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
     return safe
 
 
-def write_report(report: pd.DataFrame, path: Path) -> Path:
-    """Write ``report`` as a spreadsheet-safe UTF-8 CSV (missing values as empty cells)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    spreadsheet_safe(report).to_csv(path, index=False, encoding="utf-8")
+def write_report(report: pd.DataFrame, path: StorePath) -> StorePath:
+    """Write ``report`` as a spreadsheet-safe UTF-8 CSV (missing values as empty cells), locally or
+    as an object (``object_store.py``); it appears whole or not at all."""
+    with write_file(path) as fh:
+        spreadsheet_safe(report).to_csv(fh, index=False, encoding="utf-8")
     return path
 
 

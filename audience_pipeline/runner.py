@@ -129,7 +129,10 @@ class SensorDriver:
                 partition_key=request.partition_key,
                 tags=tags,
                 raise_on_error=False,
-                run_config={"loggers": {"console": {"config": {"log_level": self.log_level}}}},
+                run_config={  # the request's own config (a report's final state) plus the log level
+                    **(request.run_config or {}),
+                    "loggers": {"console": {"config": {"log_level": self.log_level}}},
+                },
             )
             runs.append(outcome.dagster_run)
         return runs

@@ -9,8 +9,8 @@ configuration (mapping, options, destination, hash version), so a configuration 
 next file a full push, and which import it reflects, so an older import's report that ends late
 never replaces a newer import's snapshot.
 
-Only a failure report replaces it (the import's outcome is then final), written aside and
-renamed into place, under a lock per feed.
+Only a failure report replaces it (the import's outcome is then final), under a lock per feed:
+written aside and renamed into place locally, one upload (visible whole once closed) on S3.
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from audience_pipeline.feeds.model import DestinationConfig, Feed
+from audience_pipeline.feeds.model import DestinationConfig, Feed, SecretRef, is_secret_field
+from audience_pipeline.object_store import StorePath, read_parquet, read_parquet_schema, write_parquet
 from audience_pipeline.row_hash import HASH_VERSION
 
 ID, HASH, ID_HASH = "unique_id", "row_hash", "id_hash"
@@ -56,20 +55,38 @@ class Snapshot:
 
 
 def feed_fingerprint(feed: Feed, destination: DestinationConfig) -> str:
-    """A digest of everything that decides what a row looks like at the destination.
+    """A digest of everything that decides what a row looks like at the destination, and of the
+    account it went to.
 
-    ``${VAR}`` values count as written: pointing a variable at another account is not seen.
+    The account is every non-secret text setting of the destination (endpoint, org, sandbox, API
+    user…) with ``${VAR}`` resolved: a variable pointed at another account or endpoint sends
+    everything once, while writing a value out in place of its variable changes nothing. Secrets
+    are left out, so rotating a key does not resend the audience.
     """
     config = {
         "hash_version": HASH_VERSION,
         "mapping": feed.mapping.model_dump(mode="json"),
         "options": feed.options,
         "destination": feed.destination,
-        "type": destination.type,
-        "base_url": str(getattr(destination, "base_url", "")),
+        "account": destination_account(destination),
     }
     text = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def destination_account(destination: DestinationConfig) -> dict[str, str]:
+    """The destination's non-secret text settings, ``${VAR}`` resolved (left as written if unset)."""
+    model = type(destination)
+    account = {}
+    for name in model.model_fields:
+        value = getattr(destination, name)
+        if is_secret_field(model, name):
+            continue
+        if isinstance(value, SecretRef):
+            value = os.environ.get(value.env_var) or f"${{{value.env_var}}}"
+        if isinstance(value, str):
+            account[name] = value
+    return account
 
 
 def snapshot_schema(columns: list[str]) -> pa.Schema:
@@ -79,29 +96,22 @@ def snapshot_schema(columns: list[str]) -> pa.Schema:
     )
 
 
-def read_snapshot(path: Path, columns: list[str] | None = None) -> Snapshot | None:
+def read_snapshot(path: StorePath, columns: list[str] | None = None) -> Snapshot | None:
     """The snapshot at ``path`` (``None`` before a feed's first report); ``columns`` limits the
     read (``unique_id`` and ``row_hash`` are what a diff needs)."""
     if not path.is_file():
         return None
-    schema = pq.read_schema(path)
+    schema = read_parquet_schema(path)
     wanted = None if columns is None else [c for c in columns if c in schema.names]
-    table = pq.read_table(path, columns=wanted)
+    table = read_parquet(path, columns=wanted)
     raw = (schema.metadata or {}).get(_META_KEY)
     info = SnapshotInfo(**json.loads(raw)) if raw else SnapshotInfo("", "", "", 0.0, table.num_rows)
     return Snapshot(table, info)
 
 
-def write_snapshot(path: Path, table: pa.Table, info: SnapshotInfo) -> None:
+def write_snapshot(path: StorePath, table: pa.Table, info: SnapshotInfo) -> None:
     """Replace the snapshot at once: readers see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = table.replace_schema_metadata({_META_KEY: json.dumps(asdict(info)).encode()})
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        pq.write_table(table, partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    write_parquet(table.replace_schema_metadata({_META_KEY: json.dumps(asdict(info)).encode()}), path)
 
 
 def _aligned(table: pa.Table, schema: pa.Schema) -> pa.Table:

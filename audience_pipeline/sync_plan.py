@@ -17,15 +17,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from audience_pipeline.changes import CHANGED, UNCHANGED, RowChanges, diff_rows
 from audience_pipeline.feeds.model import FILE_REPLACING, DestinationConfig, Feed, sync_mode_for
+from audience_pipeline.object_store import StorePath, read_parquet, write_parquet
 from audience_pipeline.reports import markdown_cell
 from audience_pipeline.row_hash import RowHashes, hash_rows
 from audience_pipeline.snapshot import (
@@ -145,7 +144,7 @@ def file_hashes(rows: pd.DataFrame, feed: Feed) -> RowHashes:
 
 
 def changed_columns(
-    plan: SyncPlan, rows: pd.DataFrame, column_hashes: dict[str, np.ndarray], snapshot_path: Path
+    plan: SyncPlan, rows: pd.DataFrame, column_hashes: dict[str, np.ndarray], snapshot_path: StorePath
 ) -> list[tuple[str, list[str]]]:
     """``(id, columns that changed)`` for the first changed rows: from the per-column hashes,
     so no value is ever read from the snapshot (it holds none)."""
@@ -181,7 +180,7 @@ def changes_markdown(changed: list[tuple[str, list[str]]], total: int) -> str:
     return "\n".join(lines)
 
 
-def write_plan(directory: Path, plan: SyncPlan, rows: pd.DataFrame, hashes: RowHashes) -> Path:
+def write_plan(directory: StorePath, plan: SyncPlan, rows: pd.DataFrame, hashes: RowHashes) -> StorePath:
     """Store the plan of one import (a new file per submit, so a forced re-run keeps its own)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"plan-{time.time_ns()}.parquet"
@@ -196,12 +195,12 @@ def write_plan(directory: Path, plan: SyncPlan, rows: pd.DataFrame, hashes: RowH
         }
     )
     meta = {"fingerprint": plan.fingerprint, "mode": plan.mode, "reason": plan.reason}
-    pq.write_table(table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()}), path)
-    pq.write_table(pa.table({ID: plan.changes.removed_ids}), _removed_path(path))
+    write_parquet(pa.table({ID: plan.changes.removed_ids}), _removed_path(path))
+    write_parquet(table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()}), path)
     return path
 
 
-def _removed_path(plan_path: Path) -> Path:
+def _removed_path(plan_path: StorePath) -> StorePath:
     return plan_path.with_name(plan_path.stem + "-removed.parquet")
 
 
@@ -226,10 +225,10 @@ class StoredPlan:
         return self.table.drop_columns([CHANGE, SENT])
 
 
-def read_plan(path: Path) -> StoredPlan:
-    table = pq.read_table(path)
+def read_plan(path: StorePath) -> StoredPlan:
+    table = read_parquet(path)
     meta = json.loads((table.schema.metadata or {})[_META_KEY])
-    removed = pq.read_table(_removed_path(path)).column(ID).combine_chunks()
+    removed = read_parquet(_removed_path(path)).column(ID).combine_chunks()
     return StoredPlan(table.replace_schema_metadata(None), removed, meta["fingerprint"], meta["mode"])
 
 
@@ -244,7 +243,7 @@ class PreparedSync:
     def preview(self) -> str:
         return changes_markdown(self.changed, self.plan.changes.changed)
 
-    def record(self, directory: Path, rows: pd.DataFrame) -> dict:
+    def record(self, directory: StorePath, rows: pd.DataFrame) -> dict:
         """Write the plan beside the partition; what the job handle keeps of it (small; the plan
         by file name, so the pipeline's storage can move)."""
         path = write_plan(directory, self.plan, rows, self.hashes)
@@ -262,7 +261,7 @@ def prepare_sync(
     destination: DestinationConfig,
     rows: pd.DataFrame,
     rejected_ids: pa.Array | pa.ChunkedArray,
-    snapshot_path: Path,
+    snapshot_path: StorePath,
     *,
     force: bool = False,
 ) -> PreparedSync:

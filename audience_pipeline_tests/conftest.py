@@ -36,6 +36,19 @@ class S3Server:
             region_name=self.region,
         )
 
+    def storage_env(self) -> dict[str, str]:
+        """The standard AWS variables a deployment sets for the pipeline's ``s3://`` storage."""
+        return {
+            "AWS_ENDPOINT_URL_S3": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": self.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+            "AWS_REGION": self.region,
+        }
+
+    def keys(self, bucket: str) -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
     def reset(self) -> None:
         """Drop every bucket (moto's reset route), so tests do not see each other's objects."""
         import httpx
@@ -62,6 +75,18 @@ def s3(s3_server: S3Server) -> S3Server:
     """The shared S3 server, emptied before the test."""
     s3_server.reset()
     return s3_server
+
+
+STORAGE_BUCKET = "audience-pipeline-store"
+
+
+@pytest.fixture
+def s3_storage(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The pipeline's storage on moto: a new bucket, the AWS variables set in this process; its URL."""
+    s3.client().create_bucket(Bucket=STORAGE_BUCKET)
+    for name, value in s3.storage_env().items():
+        monkeypatch.setenv(name, value)
+    return f"s3://{STORAGE_BUCKET}/prod"
 
 
 @pytest.fixture(scope="session")

@@ -117,8 +117,9 @@ def harness(harness_factory) -> Harness:
     return harness_factory()
 
 
-def _key(name: str, data: bytes) -> str:
-    return partition_key(name, hashlib.sha256(data).hexdigest())
+def _key(name: str, data: bytes, *, again: bool = False) -> str:
+    """A file's partition key: its name for a first content, with 8 hex chars of sha256 ``again``."""
+    return partition_key(name, hashlib.sha256(data).hexdigest()) if again else name
 
 
 def test_a_fresh_file_waits_one_listing_then_becomes_a_partition(harness: Harness) -> None:
@@ -160,7 +161,7 @@ def test_an_old_file_is_stable_on_first_sight_and_a_changed_one_is_a_new_partiti
     assert [r.partition_key for r in first.run_requests] == [_key("a.csv", b"v1\n")]
     harness.write("a.csv", b"version 2\n", mtime=OLD + 60)
     second = harness.tick(first.cursor)
-    assert [r.partition_key for r in second.run_requests] == [_key("a.csv", b"version 2\n")]
+    assert [r.partition_key for r in second.run_requests] == [_key("a.csv", b"version 2\n", again=True)]
     assert len(harness.partitions()) == 2
 
 
@@ -198,7 +199,7 @@ def test_cursor_forgets_files_that_disappeared(harness: Harness) -> None:
     state = FileCursor.parse(harness.tick(cursor).cursor)
 
     assert list(state.files) == ["f4.csv"]
-    assert state.files["f4.csv"][2] == hashlib.sha256(b"4\n").hexdigest()[:10]
+    assert state.files["f4.csv"][2] == hashlib.sha256(b"4\n").hexdigest()[:16]
 
 
 def test_source_down_skips_with_the_redacted_error_and_keeps_the_cursor(harness: Harness, capfd) -> None:
@@ -271,7 +272,7 @@ def test_hashing_stops_at_the_time_budget(harness: Harness, monkeypatch) -> None
 
 def test_earlier_cursor_format_is_read(harness: Harness) -> None:
     harness.write("a.csv", b"x\n")
-    key = _key("a.csv", b"x\n")
+    key = partition_key("a.csv", hashlib.sha256(b"x\n").hexdigest(), 10)  # an earlier release's key
     harness.instance.add_dynamic_partitions(f"{FEED}__files", [key])
     st = (harness.folder / "a.csv").stat()
     old = json.dumps({"a.csv": [st.st_size, st.st_mtime_ns, key]})
@@ -299,7 +300,7 @@ def test_imported_files_are_moved_once_and_new_content_under_the_name_stays(harn
     assert (harness.folder / "processed" / "a.csv").read_bytes() == b"a\n"
     assert not (harness.folder / "a.csv").exists()
     assert (harness.folder / "b.csv").read_bytes() == b"b, corrected\n"
-    assert [r.partition_key for r in result.run_requests] == [_key("b.csv", b"b, corrected\n")]
+    assert [r.partition_key for r in result.run_requests] == [_key("b.csv", b"b, corrected\n", again=True)]
     after = json.loads(result.cursor)["after"]
     assert after is not None
     assert json.loads(harness.tick(result.cursor).cursor)["after"] == after
@@ -359,7 +360,9 @@ def test_report_schedule_imports_only_new_content(tmp_path: Path) -> None:
 
         source.down, source.body = False, source.body + b"E2,b@example.com\n"
         changed = pull()
-        assert [r.partition_key for r in changed.run_requests] == [_key("workers.csv", source.body)]
+        assert [r.partition_key for r in changed.run_requests] == [
+            _key("workers.csv", source.body, again=True)
+        ]
         assert len(instance.get_dynamic_partitions(f"{FEED}__files")) == 2
         pulls = [
             p.name for p in (tmp_path / "home" / "staging" / FEED).iterdir() if p.name.startswith(".pull")
@@ -382,3 +385,61 @@ def test_an_unreadable_cursor_starts_over_without_rerunning_known_files(harness:
     again = harness.tick("{not json")
 
     assert not again.run_requests and FileCursor.parse(again.cursor).files["a.csv"][2]
+
+
+def _stage(harness: Harness, partition: str) -> dg.ExecuteInProcessResult:
+    """Materialize only ``hr_file`` for ``partition``: staging and its content check."""
+    return dg.materialize(
+        [harness.defs.resolve_assets_def(harness.keys.hr_file)],
+        partition_key=partition,
+        instance=harness.instance,  # the resolved asset carries the definitions' resources
+        raise_on_error=False,
+    )
+
+
+def test_partition_keys_are_file_names_and_a_hash_only_for_a_name_seen_before(harness: Harness) -> None:
+    harness.write("employees_2026-11-01.csv", b"v1\n")
+    first = harness.tick(None)
+    assert harness.partitions() == ["employees_2026-11-01.csv"]
+
+    (harness.folder / "employees_2026-11-01.csv").unlink()  # moved away: the cursor forgets it
+    gone = harness.tick(first.cursor)
+    harness.write("employees_2026-11-01.csv", b"v1\n", mtime=OLD + 30)  # the same bytes again
+    again = harness.tick(gone.cursor)
+    assert not again.run_requests  # recognised from the content recorded for the bare key
+
+    harness.write("employees_2026-11-01.csv", b"v2\n", mtime=OLD + 60)
+    changed = harness.tick(again.cursor)
+    expected = "employees_2026-11-01.csv@" + hashlib.sha256(b"v2\n").hexdigest()[:8]
+    assert [r.partition_key for r in changed.run_requests] == [expected]
+    assert sorted(harness.partitions()) == ["employees_2026-11-01.csv", expected]
+
+
+def test_hr_file_refuses_content_that_changed_after_its_bare_key_was_made(harness: Harness) -> None:
+    harness.write("a.csv", b"Employee ID,Email\nE1,a@example.com\n")
+    harness.tick(None)
+    assert harness.partitions() == ["a.csv"]
+    harness.write("a.csv", b"Employee ID,Email\nE2,b@example.com\n", mtime=OLD + 60)  # before the run
+
+    result = _stage(harness, "a.csv")
+
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.is_step_failure]
+    assert "a.csv changed since it was discovered" in failure.step_failure_data.error.message
+
+
+def test_hr_file_runs_keys_of_earlier_releases_and_keys_added_by_hand(harness: Harness) -> None:
+    from audience_pipeline.partition_content import expected_content
+
+    data = b"Employee ID,Email\nE1,a@example.com\n"
+    harness.write("a.csv", data)
+    legacy = partition_key("a.csv", hashlib.sha256(data).hexdigest(), 10)  # <name>@<10 hex chars>
+    harness.instance.add_dynamic_partitions(f"{FEED}__files", [legacy, "a.csv"])
+
+    assert _stage(harness, legacy).success
+    staged = harness.instance.fetch_materializations(harness.keys.hr_file, limit=1).records[0]
+    assert staged.asset_materialization.metadata["sha256"].value == hashlib.sha256(data).hexdigest()
+
+    assert expected_content(harness.instance, FEED, "a.csv") is None  # added by hand: nothing recorded
+    assert _stage(harness, "a.csv").success  # taken as it is, and recorded for later runs
+    assert expected_content(harness.instance, FEED, "a.csv") == hashlib.sha256(data).hexdigest()

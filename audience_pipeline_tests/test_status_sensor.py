@@ -57,12 +57,11 @@ from audience_pipeline.sources.registry import build_source_resource
 from audience_pipeline.storage import AudienceIOManager, PipelineStorage
 from audience_pipeline.tags import (
     FINAL_DETAIL_TAG,
-    FINAL_JOB_STATE_TAG,
     FINAL_STATE_TAG,
     IMPORT_TAG,
+    OUTCOME_TAG,
     PARTITION_TAG,
     RUN_KEY_TAG,
-    VENDOR_STATUS_TAG,
 )
 from audience_pipeline_tests.offline_feeds import FEED, write_offline_feeds
 
@@ -387,11 +386,13 @@ def test_real_import_job_is_polled_until_it_ends_then_its_report_ends_the_tracki
     vendor.states["job-1-1"] = JobState.FAILED
     ended = tick(sensor, instance, vendor, running.cursor, launch=None)
 
-    assert [(r.partition_key, r.run_key) for r in ended.run_requests] == [(partition, f"{key}:vendor_failed")]
+    assert [(r.partition_key, r.run_key) for r in ended.run_requests] == [(partition, f"{key}:ended")]
     tags = ended.run_requests[0].tags
     assert tags[IMPORT_TAG] == key
-    assert tags[VENDOR_STATUS_TAG] == tags[FINAL_STATE_TAG] == "vendor_failed"
-    assert FINAL_DETAIL_TAG not in tags  # the vendor's own word needs no explanation
+    ours = {k: v for k, v in tags.items() if k.startswith("audience_pipeline/")}
+    assert ours == {IMPORT_TAG: key}  # no vendor word in tags: the report's outcome may contradict it
+    config = ended.run_requests[0].run_config["ops"][keys.failure_report.to_python_identifier()]["config"]
+    assert config == {"vendor_status": "vendor_failed", "job_state": "failed", "detail": ""}
     assert imports_of(ended)[key]["final"] == "vendor_failed"
     assert imports_of(ended)[key]["att"] == 1
 
@@ -400,12 +401,13 @@ def test_real_import_job_is_polled_until_it_ends_then_its_report_ends_the_tracki
         instance=instance,
         partition_key=partition,
         tags={**tags, RUN_KEY_TAG: ended.run_requests[0].run_key},
+        run_config=ended.run_requests[0].run_config,
         resources=resources,
         raise_on_error=False,
     )
     assert report.success
-    assert tags[FINAL_JOB_STATE_TAG] == "failed"
-    polls = len(vendor.polled)  # the sensor's two: the report takes the final state from the tags
+    assert instance.get_run_by_id(report.run_id).tags[OUTCOME_TAG] == "completed_with_failures"
+    polls = len(vendor.polled)  # the sensor's two: the report takes the final state from its config
     reported = tick(sensor, instance, vendor, ended.cursor, launch=None)
 
     assert reported.run_requests == [] and imports_of(reported) == {}
@@ -428,7 +430,7 @@ def test_run_key_is_job_ids_and_final_state_so_a_resubmission_gets_its_own_repor
 
     result = tick(sensor, instance, vendor, cursor)
 
-    assert [r.run_key for r in result.run_requests] == ["J2:vendor_succeeded"]
+    assert [r.run_key for r in result.run_requests] == ["J2:ended"]
     assert vendor.polled == ["J1", "J2"]  # the superseded import is no longer polled
     assert list(imports_of(result)) == ["J2"]
     assert len(logged(capfd, "import J1 superseded by J2")) == 1
@@ -438,7 +440,7 @@ def test_a_new_import_supersedes_one_still_awaiting_its_report(keys, sensor, ins
     partition = "a.csv@0000000001"
     record_import(instance, keys, partition, make_handle(vendor, partition, "J1", state=JobState.FAILED))
     first = tick(sensor, instance, vendor, None, launch=FAILURE)
-    assert [r.run_key for r in first.run_requests] == ["J1:vendor_failed"]
+    assert [r.run_key for r in first.run_requests] == ["J1:ended"]
     record_import(instance, keys, partition, make_handle(vendor, partition, "J2"))
 
     second = tick(sensor, instance, vendor, first.cursor)
@@ -483,7 +485,7 @@ def test_a_rerun_that_reused_a_reported_import_is_not_tracked_again(
     handle = make_handle(vendor, partition, "J1", state=JobState.SUCCEEDED)
     record_import(instance, keys, partition, handle)
     first = tick(sensor, instance, vendor, None, launch=dg.DagsterRunStatus.SUCCESS)
-    assert [r.run_key for r in first.run_requests] == ["J1:vendor_succeeded"]
+    assert [r.run_key for r in first.run_requests] == ["J1:ended"]
     record_report(instance, keys, partition, "J1")
     second = tick(sensor, instance, vendor, first.cursor)
     assert imports_of(second) == {}
@@ -562,7 +564,7 @@ def test_an_import_that_ends_at_its_time_limit_keeps_the_vendors_word(
 
     result = tick(sensor, instance, vendor, None)
 
-    assert [r.run_key for r in result.run_requests] == ["J1:vendor_succeeded"]
+    assert [r.run_key for r in result.run_requests] == ["J1:ended"]
     assert FINAL_DETAIL_TAG not in result.run_requests[0].tags
 
 
@@ -583,7 +585,7 @@ def test_an_unknown_status_is_logged_by_name_and_polled_again(keys, sensor, inst
     vendor.states["J1"] = JobState.SUCCEEDED
     vendor.words["J1"] = "COMPLETED"
     third = tick(sensor, instance, vendor, second.cursor)
-    assert [r.run_key for r in third.run_requests] == ["J1:COMPLETED"]
+    assert [r.run_key for r in third.run_requests] == ["J1:ended"]
 
 
 @pytest.mark.parametrize(
@@ -693,7 +695,7 @@ def test_a_429_defers_to_the_next_tick_without_counting_an_error(
     del vendor.errors["J1"]
     vendor.states["J1"] = JobState.SUCCEEDED
     done = tick(sensor, instance, vendor, cursor)
-    assert [r.run_key for r in done.run_requests] == ["J1:vendor_succeeded"]
+    assert [r.run_key for r in done.run_requests] == ["J1:ended"]
 
 
 def test_a_poll_error_does_not_stop_the_other_polls_and_never_shows_a_secret(
@@ -706,7 +708,7 @@ def test_a_poll_error_does_not_stop_the_other_polls_and_never_shows_a_secret(
 
     first = tick(sensor, instance, vendor, None)
 
-    assert sorted(r.run_key for r in first.run_requests) == ["JA:vendor_succeeded", "JC:vendor_succeeded"]
+    assert sorted(r.run_key for r in first.run_requests) == ["JA:ended", "JC:ended"]
     assert imports_of(first)["JB"]["final"] is None and imports_of(first)["JB"]["err"] == 1
     output = capfd.readouterr().err
     warnings = [line for line in output.splitlines() if "status poll failed" in line]
@@ -722,7 +724,7 @@ def test_a_poll_error_does_not_stop_the_other_polls_and_never_shows_a_secret(
     del vendor.errors["JB"]
     third = tick(sensor, instance, vendor, second.cursor)
 
-    assert [r.run_key for r in third.run_requests] == ["JB:vendor_succeeded"]
+    assert [r.run_key for r in third.run_requests] == ["JB:ended"]
     assert all(e["final"] == "vendor_succeeded" for e in imports_of(third).values())
 
 
@@ -775,7 +777,7 @@ def test_least_recently_polled_first_so_long_imports_do_not_starve_newer_ones(
     clock.advance(15)
     third = tick(sensor, instance, vendor, second.cursor)  # S002, S003 (oldest), then S000, S001
 
-    assert [r.run_key for r in second.run_requests] == ["NEW:vendor_succeeded"] and not third.run_requests
+    assert [r.run_key for r in second.run_requests] == ["NEW:ended"] and not third.run_requests
     assert vendor.polled[:cap] == ["S000", "S001", "S002", "S003"]
     assert sorted(vendor.polled[cap : 2 * cap]) == ["NEW", "S000", "S001", "S004"]
     assert sorted(vendor.polled[2 * cap :]) == ["S000", "S001", "S002", "S003"]
@@ -950,10 +952,11 @@ def test_a_failed_report_run_is_requested_again_at_once_without_backoff(
     second = tick(sensor, instance, vendor, first.cursor)
 
     assert [(r.partition_key, r.run_key) for r in second.run_requests] == [
-        ("a.csv@0000000001", "J1:vendor_failed#report2")
+        ("a.csv@0000000001", "J1:ended#report2")
     ]
     assert second.run_requests[0].tags[IMPORT_TAG] == "J1"
-    assert second.run_requests[0].tags[FINAL_STATE_TAG] == "vendor_failed"
+    assert FINAL_STATE_TAG not in second.run_requests[0].tags
+    assert second.run_requests[0].run_config["ops"]  # the vendor's word travels in the run config
     assert imports_of(second)["J1"]["att"] == 2
     assert vendor.polled == ["J1"]  # an ended import is not polled for its report
 
@@ -974,7 +977,7 @@ def test_a_report_run_in_progress_is_waited_for(keys, make_sensor, instance, ven
     (run,) = [r.dagster_run for r in instance.get_run_records(dg.RunsFilter(tags={IMPORT_TAG: "J1"}))]
     instance.report_run_failed(run, "the report step failed")
     retried = tick(sensor, instance, vendor, waiting.cursor)
-    assert [r.run_key for r in retried.run_requests] == ["J1:vendor_failed#report2"]
+    assert [r.run_key for r in retried.run_requests] == ["J1:ended#report2"]
 
 
 def test_failed_report_runs_are_retried_after_the_backoff_then_given_up(
@@ -985,19 +988,19 @@ def test_failed_report_runs_are_retried_after_the_backoff_then_given_up(
     record_import(instance, keys, partition, make_handle(vendor, partition, "J1", state=JobState.FAILED))
 
     first = tick(sensor, instance, vendor, None, launch=FAILURE)
-    assert [r.run_key for r in first.run_requests] == ["J1:vendor_failed"]
+    assert [r.run_key for r in first.run_requests] == ["J1:ended"]
     clock.advance(59)
     early = tick(sensor, instance, vendor, first.cursor, launch=FAILURE)
     assert early.run_requests == []  # 60 s after the first failure
     clock.advance(2)
     second = tick(sensor, instance, vendor, early.cursor, launch=FAILURE)
-    assert [r.run_key for r in second.run_requests] == ["J1:vendor_failed#report2"]
+    assert [r.run_key for r in second.run_requests] == ["J1:ended#report2"]
     clock.advance(119)
     early = tick(sensor, instance, vendor, second.cursor, launch=FAILURE)
     assert early.run_requests == []  # doubled: 120 s after the second failure
     clock.advance(2)
     third = tick(sensor, instance, vendor, early.cursor, launch=FAILURE)
-    assert [r.run_key for r in third.run_requests] == ["J1:vendor_failed#report3"]
+    assert [r.run_key for r in third.run_requests] == ["J1:ended#report3"]
     capfd.readouterr()
 
     clock.advance(10_000)
@@ -1019,7 +1022,7 @@ def test_the_report_of_that_very_import_ends_the_tracking(keys, make_sensor, ins
 
     record_report(instance, keys, partition, "J0")  # another import's report: J1 still has none
     other = tick(sensor, instance, vendor, first.cursor, launch=dg.DagsterRunStatus.SUCCESS)
-    assert [r.run_key for r in other.run_requests] == ["J1:vendor_failed#report2"]
+    assert [r.run_key for r in other.run_requests] == ["J1:ended#report2"]
     assert list(imports_of(other)) == ["J1"]
 
     record_report(instance, keys, partition, "J1")
@@ -1036,7 +1039,7 @@ def test_a_report_written_after_the_import_without_an_import_key_counts(
     partition = "a.csv@0000000001"
     record_import(instance, keys, partition, make_handle(vendor, partition, "J1", state=JobState.SUCCEEDED))
     first = tick(sensor, instance, vendor, None, launch=dg.DagsterRunStatus.SUCCESS)
-    assert [r.run_key for r in first.run_requests] == ["J1:vendor_succeeded"]
+    assert [r.run_key for r in first.run_requests] == ["J1:ended"]
 
     record_report(instance, keys, partition, None)
     done = tick(sensor, instance, vendor, first.cursor)
@@ -1062,7 +1065,7 @@ def test_a_report_run_that_succeeded_but_left_no_report_is_requested_again(
     again = tick(sensor, instance, vendor, early.cursor)
 
     assert early.run_requests == [] and list(imports_of(early)) == ["J1"]
-    assert [r.run_key for r in again.run_requests] == ["J1:vendor_succeeded#report2"]
+    assert [r.run_key for r in again.run_requests] == ["J1:ended#report2"]
 
 
 def test_a_report_request_that_never_became_a_run_is_asked_again_with_the_same_key(
@@ -1073,7 +1076,7 @@ def test_a_report_request_that_never_became_a_run_is_asked_again_with_the_same_k
     partition = "a.csv@0000000001"
     record_import(instance, keys, partition, make_handle(vendor, partition, "J1", state=JobState.SUCCEEDED))
     first = tick(sensor, instance, vendor, None, launch=None)
-    assert [r.run_key for r in first.run_requests] == ["J1:vendor_succeeded"]
+    assert [r.run_key for r in first.run_requests] == ["J1:ended"]
 
     clock.advance(LOST_REQUEST_SECONDS - 1)
     pending = tick(sensor, instance, vendor, first.cursor, launch=None)
@@ -1081,7 +1084,7 @@ def test_a_report_request_that_never_became_a_run_is_asked_again_with_the_same_k
     lost = tick(sensor, instance, vendor, pending.cursor)
 
     assert pending.run_requests == []  # requested, not started yet
-    assert [(r.partition_key, r.run_key) for r in lost.run_requests] == [(partition, "J1:vendor_succeeded")]
+    assert [(r.partition_key, r.run_key) for r in lost.run_requests] == [(partition, "J1:ended")]
     assert lost.run_requests[0].tags[IMPORT_TAG] == "J1"
     assert imports_of(lost)["J1"]["att"] == 1 and imports_of(lost)["J1"]["at"] == clock.now
     clock.advance(LOST_REQUEST_SECONDS + 1)

@@ -13,6 +13,7 @@ import pytest
 from audience_pipeline.destinations.base import ChunkJob, JobHandle
 from audience_pipeline.sources.base import StagedFile
 from audience_pipeline.storage import AudienceIOManager, PipelineStorage, safe_name
+from audience_pipeline_tests.conftest import STORAGE_BUCKET, S3Server
 
 PARTITION = "hr/exports/employees 2026-11-01.csv@49e9cfa5cc"
 PARTITIONS = dg.DynamicPartitionsDefinition(name="files")
@@ -203,3 +204,29 @@ def test_distinct_partitions_never_share_a_folder(tmp_path: Path) -> None:
     assert all(p.parent == tmp_path / "staging" / "feed" for p in staging)
     assert all(p.parent == tmp_path / "reports" / "feed" for p in reports)
     assert all(p.resolve().parent == (tmp_path / "reports" / "feed").resolve() for p in reports)
+
+
+@pytest.mark.integration  # moto's S3 server
+def test_asset_values_round_trip_through_s3_storage(s3: S3Server, s3_storage: str) -> None:
+    SEEN.clear()
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("files", [PARTITION])
+        result = dg.materialize(
+            ALL,
+            partition_key=PARTITION,
+            instance=instance,
+            resources={"audience_io": AudienceIOManager(base_dir=s3_storage)},
+        )
+
+    assert result.success
+    pd.testing.assert_frame_equal(SEEN["rows"], employees())
+    pd.testing.assert_frame_equal(SEEN["ids"], employees()[["source_line", "unique_id"]])
+    assert SEEN["job"] == handle()
+    name = safe_name(PARTITION)
+    assert s3.keys(STORAGE_BUCKET) == [
+        f"prod/assets/feed/job/{name}.json",
+        f"prod/assets/feed/rows/{name}.parquet",
+        f"prod/assets/feed/staged/{name}.json",
+    ]
+    path_metadata = result.asset_materializations_for_node("feed__rows")[0].metadata["path"]
+    assert path_metadata == dg.MetadataValue.url(f"{s3_storage}/assets/feed/rows/{name}.parquet")

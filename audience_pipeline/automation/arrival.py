@@ -3,7 +3,8 @@
 A partition is added once; what happens when its run fails is ``retries.py``'s business.
 
 The new-file sensor's cursor is ``{"files": {name: [size,
-mtime_ns, short hash or null]}, "after": storage id}``: only files still in the source are kept,
+mtime_ns, 16 hex chars of sha256 or null]}, "after": storage id}`` (10 chars in cursors of
+earlier releases): only files still in the source are kept,
 so it stays as small as the drop folder. A file is hashed once, when it is ready (marker present,
 or size and mtime unchanged since the previous listing, or untouched for the source's
 ``stable_after_seconds``); until then its entry has no hash and it is "settling". Hashing stops
@@ -11,15 +12,16 @@ after ``HASH_BUDGET_SECONDS`` per tick so a backlog never breaks Dagster's tick 
 source that is down makes the tick a ``SkipReason`` (Dagster then keeps the cursor as it was).
 When the source moves or tags processed files, the same sensor does it for every ``import_job``
 materialization since ``after``, if the file in the source still has the partition's content.
+A file's key is its name, or its name and a short hash when the name is taken by another content
+(``sources/base.py``); :func:`partition_keys` chooses it and records the content it stands for.
 
 Sources without file events (an HTTP report URL) get a schedule instead: each tick pulls the
 report into staging, hashes it and, if that content is new, adds its partition and requests a run.
 """
 
 import json
-import shutil
+import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,14 +30,17 @@ from dagster._core.definitions.unresolved_asset_job_definition import Unresolved
 
 from audience_pipeline.assets import STORAGE_KEY, FeedKeys
 from audience_pipeline.feeds.model import HttpReportSource, SourceConfig
+from audience_pipeline.object_store import put_file
+from audience_pipeline.partition_content import expected_content, record_content, recorded_content
 from audience_pipeline.redact import redact
 from audience_pipeline.sources.base import (
-    HASH_CHARS,
+    CURSOR_HASH_CHARS,
     FileDropSource,
     HRSource,
     SourceFile,
+    choose_partition_key,
     fingerprint,
-    partition_key,
+    same_content,
     split_partition_key,
     stage,
 )
@@ -93,19 +98,22 @@ def build_arrival_automation(
     """How a feed's files arrive: a new-file sensor for file drops, a schedule for report URLs."""
     if isinstance(source, HttpReportSource):
         return [], [build_report_schedule(keys, ingest_job, source)]
-    return [build_new_file_sensor(keys, ingest_job)], []
+    return [build_new_file_sensor(keys, ingest_job, source.check_interval_seconds)], []
 
 
-def build_new_file_sensor(keys: FeedKeys, ingest_job: UnresolvedAssetJobDefinition) -> dg.SensorDefinition:
+def build_new_file_sensor(
+    keys: FeedKeys, ingest_job: UnresolvedAssetJobDefinition, interval_seconds: int = 30
+) -> dg.SensorDefinition:
     @dg.sensor(
         name=new_files_sensor_name(keys.feed.name),
         job=ingest_job,
-        minimum_interval_seconds=30,
+        minimum_interval_seconds=interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
         required_resource_keys={keys.source_resource},
         description=(
-            "Adds a partition for every new or changed file in the source once it is complete "
-            "(stable across two listings, or its ready marker is there) and runs it."
+            f"Adds a partition for every new or changed file in {keys.source} once it is complete "
+            "(stable across two listings, or its ready marker is there) and runs it. The partition "
+            "is the file's name, with a short hash only when the name came before with other content."
         ),
     )
     def new_files(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
@@ -123,8 +131,12 @@ def build_new_file_sensor(keys: FeedKeys, ingest_job: UnresolvedAssetJobDefiniti
             return dg.SkipReason(message)
         files, problem = _scan(source, listed, state.files)
         existing = set(context.instance.get_dynamic_partitions(keys.partitions.name))
-        ready = {partition_key(name, entry[2]) for name, entry in files.items() if entry[2]}
-        new_keys = sorted(ready - existing)
+        ready = {name: entry[2] for name, entry in files.items() if entry[2]}
+        found = partition_keys(context.instance, keys.feed.name, ready, existing)
+        new_keys = sorted(k for k in found.values() if k not in existing)
+        for name, key in sorted(found.items()):
+            if key not in existing:
+                context.log.info(f"new file {name} (sha256 {ready[name][:8]}…) becomes partition {key}")
         after, mark_problem = _mark_processed(context, keys, source, files, state.after)
         cursor = FileCursor(files=files, after=after)
         notes = [p for p in (problem, mark_problem) if p]
@@ -142,6 +154,31 @@ def build_new_file_sensor(keys: FeedKeys, ingest_job: UnresolvedAssetJobDefiniti
         )
 
     return new_files
+
+
+def partition_keys(
+    instance: dg.DagsterInstance, feed: str, ready: dict[str, str], existing: set[str]
+) -> dict[str, str]:
+    """``{file name: partition key}`` of ready files: the existing key of their content, or a new
+    one (not in ``existing``), whose content is recorded before it is returned.
+
+    ``ready`` maps file names to their content's sha256 (or a prefix of 10 chars or more, from
+    a cursor of an earlier release).
+    """
+    by_name: dict[str, list[str]] = {}
+    for key in existing:
+        name = split_partition_key(key)[0]
+        if name in ready:
+            by_name.setdefault(name, []).append(key)
+    recorded = recorded_content(instance, feed, [k for found in by_name.values() for k in found])
+    taken = set(existing)
+    keys: dict[str, str] = {}
+    for name, sha in sorted(ready.items()):
+        same_name = {k: recorded.get(k) for k in by_name.get(name, [])}
+        keys[name] = choose_partition_key(name, sha, same_name, taken)
+        taken.add(keys[name])
+    record_content(instance, feed, {k: ready[name] for name, k in keys.items() if k not in existing})
+    return keys
 
 
 def _scan(source: HRSource, listed: list[SourceFile], previous: dict[str, list]) -> tuple[dict, str | None]:
@@ -165,7 +202,7 @@ def _scan(source: HRSource, listed: list[SourceFile], previous: dict[str, list])
         entry = [f.size, f.modified_ns, None]
         if ready and problem is None and (hashed == 0 or time.monotonic() < deadline):
             try:
-                entry[2] = fingerprint(source, f.name)[:HASH_CHARS]
+                entry[2] = fingerprint(source, f.name)[:CURSOR_HASH_CHARS]
                 hashed += 1
             except Exception as exc:  # retried next tick; the other files keep their entries
                 problem = f"cannot read {f.name} from {source.describe()}: {redact(str(exc))}"
@@ -187,9 +224,10 @@ def _mark_processed(
     ).records
     for record in records:
         if record.partition_key:
-            name, short_hash = split_partition_key(record.partition_key)
+            name = split_partition_key(record.partition_key)[0]
             entry = files.get(name)
-            if entry and entry[2] == short_hash:
+            expected = expected_content(context.instance, keys.feed.name, record.partition_key)
+            if entry and entry[2] and expected and same_content(entry[2], expected):
                 try:
                     source.mark_processed(name)
                 except Exception as exc:  # tried again next tick, from this record on
@@ -218,7 +256,9 @@ def build_report_schedule(
         storage = getattr(context.resources, STORAGE_KEY)
         existing = set(context.instance.get_dynamic_partitions(keys.partitions.name))
         try:
-            key = pull_report(source, storage, keys.feed.name, config.file_name, existing)
+            key = pull_report(
+                source, storage, keys.feed.name, config.file_name, existing, instance=context.instance
+            )
         except Exception as exc:  # the next tick tries again
             message = f"{source.describe()} is unavailable: {redact(str(exc))}"
             context.log.warning(message)
@@ -226,21 +266,26 @@ def build_report_schedule(
         if key in existing:
             return dg.SkipReason(f"the report is unchanged ({key}); nothing to import")
         context.instance.add_dynamic_partitions(keys.partitions.name, [key])
+        context.log.info(f"the report has new content: partition {key}")
         return dg.RunRequest(partition_key=key, run_key=key)
 
     return report_pull
 
 
-def pull_report(source: HRSource, storage, feed: str, file_name: str, existing: set[str]) -> str:
-    """Stream the report into staging, where ``hr_file`` finds it; return its partition key."""
-    pull_dir = Path(storage.staging_dir(feed, f".pull-{uuid.uuid4().hex}"))
-    try:
-        staged = stage(source, file_name, pull_dir)
-        key = partition_key(file_name, staged.sha256)
+def pull_report(
+    source: HRSource,
+    storage,
+    feed: str,
+    file_name: str,
+    existing: set[str],
+    *,
+    instance: dg.DagsterInstance,
+) -> str:
+    """Stream the report into staging, where ``hr_file`` finds it; return its partition key
+    (the file name for the first report, then with a hash: ``partition_keys``)."""
+    with tempfile.TemporaryDirectory(prefix="audience-pull-") as pull_dir:  # run-local, then stored
+        staged = stage(source, file_name, Path(pull_dir))
+        key = partition_keys(instance, feed, {file_name: staged.sha256}, existing)[file_name]
         if key not in existing:
-            target = Path(storage.staging_dir(feed, key))
-            target.mkdir(parents=True, exist_ok=True)
-            Path(staged.path).replace(target / file_name)
+            put_file(Path(staged.path), storage.staging_dir(feed, key) / file_name)
         return key
-    finally:
-        shutil.rmtree(pull_dir, ignore_errors=True)

@@ -33,8 +33,11 @@ import to the next tick: a tick never sleeps on ``Retry-After`` (the client is b
 retry policy that does not retry 429), so it stays inside Dagster's sensor time limit.
 A status word the client does not know is logged by name and polled again.
 
-Report runs have ``run_key = <import key>:<final state>`` (``#report<n>`` from the second try
-on) and carry the final state in their tags, so the report does not ask the vendor again. They
+Report runs have ``run_key = <import key>:<how it ended>`` (``ended`` when the vendor ended it,
+else ``timed_out``, ``poll_failed`` or ``nothing_submitted``; ``#report<n>`` from the second try
+on) and carry the final state, so the report does not ask the vendor again: the pipeline's own
+words (``timed_out``, ``poll_failed``) as tags, the vendor's word in the run config, so no run is
+tagged "failed" by a vendor when the report's normalised outcome says otherwise. They
 are retried with the feed's back-off until the report exists or ``max_attempts`` report runs
 failed; the partition then needs attention (see ``lifecycle.py``). A re-run that makes a new
 import is a new key, so it gets a new report; a re-run that reuses an import whose report
@@ -53,7 +56,7 @@ from typing import Any
 import dagster as dg
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
-from audience_pipeline.assets import FeedKeys, handle_of, metadata_of
+from audience_pipeline.assets import FeedKeys, ReportConfig, handle_of, metadata_of
 from audience_pipeline.automation.lifecycle import FINISHED_STATUSES, latest_by_partition, report_covers
 from audience_pipeline.automation.polling import NOT_POLLED, PollLimits, pool_for
 from audience_pipeline.destinations.base import JobHandle, JobState, JobStatus
@@ -62,11 +65,9 @@ from audience_pipeline.feeds.model import DestinationConfig, RetrySettings, impo
 from audience_pipeline.redact import redact
 from audience_pipeline.tags import (
     FINAL_DETAIL_TAG,
-    FINAL_JOB_STATE_TAG,
     FINAL_STATE_TAG,
     IMPORT_TAG,
     POLL_GAVE_UP,
-    VENDOR_STATUS_TAG,
 )
 
 MAX_POLLS_PER_TICK = 2_000
@@ -137,7 +138,7 @@ def build_status_sensor(
         default_status=dg.DefaultSensorStatus.RUNNING,
         required_resource_keys={keys.destination_resource},
         description=(
-            f"Polls in-flight imports (time limit {limit / 3600:g} h, at least every "
+            f"Polls in-flight imports into {keys.target} (time limit {limit / 3600:g} h, at least every "
             f"{polling.max_interval_seconds:g} s, at most {limits.requests_per_second:g} calls/s) and "
             "requests the failure report when one ends; retries report runs that fail."
         ),
@@ -322,6 +323,9 @@ def _apply(
             entry["final"] = result.vendor_status
             entry["state"] = result.state.value
             entry["detail"] = result.detail
+            context.log.info(
+                f"{partition}: import {key} has ended at the vendor (its word: {result.vendor_status!r})"
+            )
             return
         if result.state is JobState.UNKNOWN:
             context.log.warning(
@@ -457,11 +461,38 @@ def _report_requests(
         else:
             entry["att"] += 1
             entry["at"] = now
-        run_key = f"{key}:{entry['final']}" + (f"#report{entry['att']}" if entry["att"] > 1 else "")
-        tags = {IMPORT_TAG: key, VENDOR_STATUS_TAG: entry["final"], FINAL_STATE_TAG: entry["final"]}
+        run_key = f"{key}:{run_key_state(entry['final'])}" + (
+            f"#report{entry['att']}" if entry["att"] > 1 else ""
+        )
+        tags, run_config = report_request_details(keys, key, entry)
+        context.log.info(f"{partition}: requesting the failure report of import {key}")
+        requests.append(
+            dg.RunRequest(partition_key=partition, run_key=run_key, tags=tags, run_config=run_config)
+        )
+    return requests
+
+
+def run_key_state(final: str) -> str:
+    """The run key's last part: the pipeline's own word, or ``ended`` for the vendor's (a run key is
+    shown as a tag, and the vendor's "failed" would contradict a report that imported 192 of 194)."""
+    return final if final in POLL_GAVE_UP or final == "nothing_submitted" else "ended"
+
+
+def report_request_details(keys: FeedKeys, key: str, entry: dict[str, Any]) -> tuple[dict[str, str], dict]:
+    """Tags and run config of a report run.
+
+    The pipeline's own words (``timed_out``, ``poll_failed``, ``nothing_submitted``) are tags;
+    the vendor's final word goes in the run config (``ReportConfig``), so the run is never tagged
+    with a vendor word such as "failed" that its normalised outcome contradicts.
+    """
+    tags = {IMPORT_TAG: key}
+    final = entry["final"]
+    if final in POLL_GAVE_UP or final == "nothing_submitted":
+        tags[FINAL_STATE_TAG] = final
         if entry.get("detail"):
             tags[FINAL_DETAIL_TAG] = entry["detail"][:250]
-        if entry["final"] not in POLL_GAVE_UP and entry.get("state"):
-            tags[FINAL_JOB_STATE_TAG] = entry["state"]
-        requests.append(dg.RunRequest(partition_key=partition, run_key=run_key, tags=tags))
-    return requests
+        return tags, {}
+    if not entry.get("state"):  # tracked by an earlier release: the report asks the vendor
+        return tags, {}
+    config = ReportConfig(vendor_status=final, job_state=entry["state"], detail=entry.get("detail") or "")
+    return tags, keys.report_run_config(config)

@@ -173,6 +173,10 @@ class AepOptions(VendorOptions):
     run_wait_seconds: float = Field(default=1800.0, ge=0)
     poll_interval_seconds: float = Field(default=10.0, gt=0)
 
+    def describe_target(self) -> str:
+        known = f" (id {self.audience_id})" if self.audience_id else ""
+        return f'Experience Platform audience "{self.audience_name}"{known}'
+
     def complete_for_feed(self, mapping: Any) -> dict[str, Any]:
         """These options plus the attribute types the feed's mapping declares (load-time hook)."""
         types = {name: spec.type for name, spec in mapping.attributes.items()}

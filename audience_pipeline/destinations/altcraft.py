@@ -126,6 +126,12 @@ class AltcraftOptions(VendorOptions):
             raise ValueError("field_name is only used with matching 'custom'")
         return self
 
+    def describe_target(self) -> str:
+        match = self.field_name if self.matching == "custom" else self.matching.replace("_", " ")
+        sends = "no campaign sent" if self.skip_triggers else "sends the trigger's campaign"
+        where = f", database {self.resource_id}" if self.resource_id is not None else ""
+        return f"Altcraft trigger {self.trigger_id} (profiles matched by {match}{where}; {sends})"
+
     def data_fields(self, columns: list[str]) -> dict[str, str]:
         """Altcraft profile field -> canonical column, for the columns the feed really has."""
         if self.profile_fields is not None:

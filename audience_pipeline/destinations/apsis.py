@@ -152,6 +152,9 @@ class ApsisOptions(VendorOptions):
     pending_wait_seconds: float = Field(default=1800.0, ge=0)
     file_name: str | None = None
 
+    def describe_target(self) -> str:
+        return f'APSIS One section "{self.section}" (keyspace {self.keyspace}, key {self.key_field})'
+
     def attribute_columns(self, columns: list[str]) -> dict[str, str]:
         """Column -> attribute name or discriminator: defaults for present columns, then the
         feed's own entries (``null`` drops a default)."""

@@ -85,6 +85,9 @@ class CxiOptions(VendorOptions):
             wanted["uniqueIdFieldName"] = self.unique_id_field
         return {k: v for k, v in wanted.items() if v and v in columns}
 
+    def describe_target(self) -> str:
+        return f'Communicate XI import "{self.import_name}"'
+
     def column_problems(self, columns: list[str]) -> list[tuple[str | None, str]]:
         """Explicit field options must name columns; one of email or mobile phone must be sent."""
         problems: list[tuple[str | None, str]] = []

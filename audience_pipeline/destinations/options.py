@@ -19,6 +19,11 @@ class VendorOptions(BaseModel):
         """``(option key or None, problem)`` for options the feed's ``columns`` cannot satisfy."""
         return []
 
+    def describe_target(self) -> str:
+        """What the feed writes to, in the vendor's own terms (import name, list, section, trigger),
+        for descriptions, metadata and log lines: ``Communicate XI import "All staff"``."""
+        raise NotImplementedError
+
 
 def not_a_column(key: str, value: object, columns: list[str], *, entry: str | None = None) -> tuple[str, str]:
     """The problem of option ``key`` (its ``entry``, for a mapping) naming ``value``, not a column."""

@@ -49,6 +49,22 @@ def options_model(config: DestinationConfig) -> type[BaseModel]:
     return _entry(config)[0]
 
 
+def describe_target(config: DestinationConfig, options: dict) -> str:
+    """What a feed writes to at its destination, e.g. ``Communicate XI import "All staff"``.
+
+    Read from the feed's options, so it is known when the code location loads (no call to the
+    vendor); options the model refuses (the loader reports those) fall back to the vendor's name.
+    """
+    from pydantic import ValidationError
+
+    from audience_pipeline.sync_plan import VENDOR_NAMES
+
+    try:
+        return options_model(config).model_validate(options).describe_target()
+    except (ValidationError, NotImplementedError):
+        return VENDOR_NAMES.get(config.type, config.type)
+
+
 def config_value(value: str | SecretRef) -> str | dg.EnvVar:
     """``${VAR}`` references reach resources as ``EnvVar``: resolved late, hidden in the UI."""
     return dg.EnvVar(value.env_var) if isinstance(value, SecretRef) else value

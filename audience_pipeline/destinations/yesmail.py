@@ -125,6 +125,9 @@ class YesmailOptions(VendorOptions):
     attributes: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_ATTRIBUTES))
     response_uri: str | None = None
 
+    def describe_target(self) -> str:
+        return f'Yesmail target list "{self.target_list}"'
+
     @field_validator("error_threshold")
     @classmethod
     def _threshold(cls, value: int | str) -> int | str:

@@ -135,10 +135,12 @@ def _all_refs(feeds: FeedsFile) -> Iterator[tuple[_Loc, type[BaseModel] | None, 
     yield from _refs_in(feeds.destinations, ("destinations",))
     if feeds.alerts is not None:
         yield from _refs_in(feeds.alerts, ("alerts",))
+    if feeds.storage is not None:
+        yield from _refs_in(feeds.storage, ("storage",))
 
 
 def secret_refs(feeds: FeedsFile) -> list[SecretRef]:
-    """Every ``${VAR}`` reference in the sources, destinations and alerts."""
+    """Every ``${VAR}`` reference in the sources, destinations, alerts and storage."""
     return [ref for _, _, ref in _all_refs(feeds)]
 
 
@@ -433,4 +435,7 @@ def _anchor_folders(feeds: FeedsFile, base: Path) -> FeedsFile:
         if isinstance(src, FolderSource) and isinstance(src.path, str):
             src = src.model_copy(update={"path": str((base / Path(src.path).expanduser()).resolve())})
         sources[name] = src
-    return feeds.model_copy(update={"sources": sources})
+    storage = feeds.storage
+    if storage is not None and isinstance(storage.url, str) and "://" not in storage.url:
+        storage = storage.model_copy(update={"url": str((base / Path(storage.url).expanduser()).resolve())})
+    return feeds.model_copy(update={"sources": sources, "storage": storage})

@@ -185,11 +185,18 @@ class FileDropOptions(StrictModel):
     ready_marker: str | None = Field(default=None, pattern=r"^\.[A-Za-z0-9_.-]+$")
     stable_after_seconds: float = Field(default=60.0, ge=0)
     move_processed_to: str | None = None
+    check_interval_seconds: int = Field(default=30, ge=1, le=3600)
+    """How often the new-file sensor lists the source. A file is taken once two listings in a
+    row see it unchanged (or its ready marker is there), so it waits one to two intervals."""
 
 
 class FolderSource(FileDropOptions):
+    """A local or mounted folder: listing it is a directory read, so it is checked every 5 s and
+    a dropped file starts its run 5-10 s later."""
+
     type: Literal["folder"]
     path: ConfigValue
+    check_interval_seconds: int = Field(default=5, ge=1, le=3600)
 
 
 class SftpSource(FileDropOptions):
@@ -213,7 +220,10 @@ class SftpSource(FileDropOptions):
 
 
 class S3Source(FileDropOptions):
+    """A bucket prefix: one LIST request per check (every 10 s: about 8,600 a day, cents a month)."""
+
     type: Literal["s3"]
+    check_interval_seconds: int = Field(default=10, ge=1, le=3600)
     bucket: ConfigValue
     prefix: str = ""
     endpoint_url: UrlValue | None = None
@@ -439,6 +449,33 @@ class AlertsConfig(StrictModel):
     timeout_seconds: float = Field(default=10.0, gt=0)
 
 
+class RetentionConfig(StrictModel):
+    """How long a feed's files are kept: staged copies, asset values, sync plans and reports.
+
+    A partition's files are pruned once it has ended (``reported``, ``blocked`` or ``refused``)
+    more than ``keep_days`` ago and it is not one of the feed's newest ``keep_last`` files. Its
+    runs, materializations, check results and metadata stay in the Dagster instance (the UI keeps
+    its history; the instance's own ``retention:`` settings govern ticks). Partitions still
+    importing, retrying or needing a person are never pruned.
+    """
+
+    keep_days: float | None = Field(default=180.0, gt=0)
+    """``null`` keeps every file forever."""
+    keep_last: int = Field(default=30, ge=1)
+    """The newest files of each feed are kept whatever their age."""
+    schedule: str = "0 3 * * *"
+    """When the ``audience_pipeline__retention`` job runs (cron, UTC)."""
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        from dagster._utils.schedules import is_valid_cron_string
+
+        if not is_valid_cron_string(value):
+            raise ValueError(f"{value!r} is not a cron schedule such as '0 3 * * *'")
+        return value
+
+
 class Feed(StrictModel):
     """One HR source bound to one destination.
 
@@ -472,12 +509,24 @@ class Feed(StrictModel):
     missing from a new file (a truncated export would otherwise shrink the audience)."""
 
 
+class StorageConfig(StrictModel):
+    """Where runs keep what they share: a local folder (relative to the feeds file) or
+    ``s3://bucket/prefix``. ``$AUDIENCE_PIPELINE_STORAGE`` wins over it (``storage.py``);
+    S3 endpoint and credentials come from the AWS environment, never from this file."""
+
+    url: ConfigValue
+
+
 class FeedsFile(StrictModel):
     sources: dict[str, SourceConfig]
     destinations: dict[str, DestinationConfig]
     feeds: list[Feed]
     alerts: AlertsConfig | None = None
     """Applies to every feed; a feed cannot override it."""
+    storage: StorageConfig | None = None
+    """Staged files, asset values and reports of every feed (default: the local working folder)."""
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    """Applies to every feed: old partitions' files are pruned, their history kept."""
 
     @model_validator(mode="after")
     def _references(self) -> FeedsFile:

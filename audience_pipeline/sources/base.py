@@ -1,7 +1,12 @@
 """What every HR source offers: list the files it holds and stream one of them.
 
-Partitions are keyed by file name plus a short content hash, so a re-sent file with new
-content is a new partition while the same bytes under the same name are recognised.
+Partitions are keyed by file name, so a person scanning forty files in the UI's picker reads
+names, not hashes: a file's first content is ``employees_2026-11-01.csv``. A later content under
+a name already taken gets 8 hex chars of its sha256, ``employees.csv@49e9cfa5``, so a re-sent
+file with new content is a new partition while the same bytes under the same name are
+recognised. What content a bare key stands for is recorded in the instance when the key is made
+(``partition_content.py``), so ``hr_file`` still refuses a file that changed after it was
+discovered. Keys of earlier releases, ``<name>@<10 hex chars>``, still parse and run.
 
 File-drop sources (folder, SFTP, S3) share three arrival rules, applied here and by the
 new-file sensor: ``glob`` picks the data files (flat, no sub-folders, hidden files skipped);
@@ -15,14 +20,20 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import io
-from collections.abc import Callable, Iterable, Iterator
+import re
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
-HASH_CHARS = 10
+HASH_CHARS = 8
+"""Hex chars of sha256 in a key that needs them (a new content under a name already taken)."""
+CURSOR_HASH_CHARS = 16
+"""Hex chars of sha256 the new-file sensor keeps per listed file."""
+_HASHED = re.compile(r"(?P<name>.+)@(?P<hash>[0-9a-f]{8,64})")
+"""``<name>@<hex>``: 8 (or 12, 16, 64 after a collision) chars, 10 in keys of earlier releases."""
 _CHUNK = 1 << 20
 
 
@@ -74,15 +85,47 @@ class StagedFile(BaseModel):
     size: int
 
 
-def partition_key(name: str, sha256: str) -> str:
-    return f"{name}@{sha256[:HASH_CHARS]}"
+def partition_key(name: str, sha256: str, chars: int = HASH_CHARS) -> str:
+    """The hashed key of a file's content: ``<name>@<chars hex chars of sha256>``."""
+    return f"{name}@{sha256[:chars]}"
 
 
-def split_partition_key(key: str) -> tuple[str, str]:
-    name, _, short_hash = key.rpartition("@")
-    if not name or len(short_hash) != HASH_CHARS:
-        raise ValueError(f"partition key {key!r} is not '<file name>@<{HASH_CHARS} hex chars>'")
-    return name, short_hash
+def split_partition_key(key: str) -> tuple[str, str | None]:
+    """``(file name, hash prefix)`` of a key; the prefix is None for a bare file name."""
+    found = _HASHED.fullmatch(key)
+    if found:
+        return found["name"], found["hash"]
+    if not key:
+        raise ValueError("an empty partition key names no file")
+    return key, None
+
+
+def same_content(a: str, b: str) -> bool:
+    """Whether two sha256 prefixes (of 8 chars or more) can be the same content."""
+    return len(a) >= HASH_CHARS and len(b) >= HASH_CHARS and (a.startswith(b) or b.startswith(a))
+
+
+def choose_partition_key(
+    name: str, sha256: str, same_name: Mapping[str, str | None], taken: Collection[str]
+) -> str:
+    """The key of ``name`` with content ``sha256`` (a prefix of 16 chars or more will do).
+
+    ``same_name`` maps the existing keys of this file name to the content recorded for them
+    (``None``: unknown, e.g. a key added by hand). A key already holding this content is
+    returned as it is; otherwise the bare name when no key has that name yet (and the name
+    cannot be read as a hashed key), else 8 hex chars of the hash, more if those are ``taken``.
+    """
+    for key, recorded in same_name.items():
+        known = recorded or split_partition_key(key)[1]
+        if known and same_content(known, sha256):
+            return key
+    if not same_name and name not in taken and not _HASHED.fullmatch(name):
+        return name
+    for chars in (HASH_CHARS, 12, 16, 64):
+        key = partition_key(name, sha256, chars)
+        if key not in taken:
+            return key
+    raise ValueError(f"{name}: every key for content {sha256[:16]}… is taken")
 
 
 def select_files(

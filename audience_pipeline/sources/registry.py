@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 import dagster as dg
 
 from audience_pipeline.destinations.registry import config_value
-from audience_pipeline.feeds.model import FolderSource, HttpReportSource, S3Source, SftpSource, SourceConfig
+from audience_pipeline.feeds.model import (
+    FolderSource,
+    HttpReportSource,
+    S3Source,
+    SecretRef,
+    SftpSource,
+    SourceConfig,
+)
+from audience_pipeline.redact import redact_url
 
 
 def _optional(value):
@@ -19,6 +29,32 @@ def _drop_options(config: FolderSource | SftpSource | S3Source) -> dict:
         "stable_after_seconds": config.stable_after_seconds,
         "move_processed_to": config.move_processed_to,
     }
+
+
+def describe_source(config: SourceConfig) -> str:
+    """Where a feed's files come from, for descriptions when the code location loads: the folder,
+    bucket, host or report address, never a credential (nor a user name); ``${VAR}`` values are
+    shown by name, as they are not resolved yet."""
+    if isinstance(config, FolderSource):
+        return f"folder {config.path} ({config.glob})"
+    if isinstance(config, SftpSource):
+        return f"sftp {config.host}:{config.port} {config.remote_dir} ({config.glob})"
+    if isinstance(config, S3Source):
+        prefix = config.prefix.strip("/")
+        return f"s3://{config.bucket}/{prefix + '/' if prefix else ''} ({config.glob})"
+    if isinstance(config, HttpReportSource):
+        return f"report {config.method} {source_url(config) or config.url}"
+    raise TypeError(f"unknown source type {config.type!r}")
+
+
+def source_url(config: SourceConfig) -> str | None:
+    """A report source's address as a link: scheme, host and path only (user info, query and
+    fragment may hold a token); ``None`` for other sources and for a ``${VAR}`` address."""
+    if not isinstance(config, HttpReportSource) or isinstance(config.url, SecretRef):
+        return None
+    parts = urlsplit(config.url)
+    port = f":{parts.port}" if parts.port else ""
+    return redact_url(f"{parts.scheme}://{parts.hostname}{port}{parts.path}")
 
 
 def build_source_resource(config: SourceConfig) -> dg.ConfigurableResource:

@@ -184,7 +184,9 @@ def test_unknown_key_names_path_and_suggests_the_spelling(tmp_path: Path) -> Non
 
     assert "sources.hr_drop.glb: unknown key" in message
     assert "did you mean 'glob'?" in message
-    expected = "glob, move_processed_to, path, ready_marker, stable_after_seconds, type"
+    expected = (
+        "check_interval_seconds, glob, move_processed_to, path, ready_marker, stable_after_seconds, type"
+    )
     assert f"expected one of: {expected}" in message
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import dagster as dg
 import pytest
 
+from audience_pipeline.assets import ACCOUNTING_CHECK
 from audience_pipeline.automation.status import in_flight
 from audience_pipeline.cli import random_credentials
 from audience_pipeline.sandbox import SandboxSettings
@@ -128,8 +129,15 @@ def test_first_push_creates_the_audience_and_second_push_runs_ingestion(aep_fact
     assert (report["source_rows"], report["rejected_by_validation"]) == (200, 6)
     assert (report["imported"], report["failed_at_target"], report["ignored_by_target"]) == (194, 0, 0)
     assert report["vendor_status"] == "SUCCESS"
+    assert report["outcome"] == "completed" and report["target"].startswith("Experience Platform audience ")
     assert "no row-level results" in report["notes"]
     assert pipeline.accounting_passed()
+    check = pipeline.check("failure_report", ACCOUNTING_CHECK)
+    assert check is not None and check.partition == first
+    evaluation = check.event.dagster_event.event_specific_data
+    assert "vendor_imported" not in evaluation.metadata  # no placeholder number
+    assert evaluation.metadata["vendor_count"].value == "not reported"
+    assert evaluation.description.endswith("Experience Platform reports no count of its own")
     [audience] = _audiences(pipeline)
     assert audience["customAudienceId"] == "audience_pipeline.staff_aep"
     assert audience["operation"] == {"status": "SUCCESS", "rows": 194}

@@ -97,12 +97,14 @@ def test_partial_failure_is_reported_and_the_token_stays_secret(make_pipeline, c
     [report_run] = pipeline.wait_for_reports()
 
     assert report_run.is_success
-    assert report_run.tags["dagster/run_key"] == f"{handle['jobs'][0]['job_id']}:completed"
+    assert report_run.tags["dagster/run_key"] == f"{handle['jobs'][0]['job_id']}:ended"
     report = pipeline.metadata("failure_report")
     assert (report["source_rows"], report["rejected_by_validation"], report["imported"]) == (200, 6, 192)
     assert (report["failed_at_target"], report["ignored_by_target"]) == (2, 0)
     assert report["vendor_counts"] == {"created": 192, "updated": 0, "processed": 192, "failed": 2}
     assert report["vendor_status"] == "completed"
+    assert report["outcome"] == "completed_with_failures"  # one word for every vendor
+    assert report["target"].startswith("Altcraft trigger 13 (profiles matched by ")
     assert pipeline.accounting_passed()
     target = [r for r in pipeline.report_rows() if r["stage"] == "target"]
     assert [(r["source_line"], r["unique_id"], r["reason"]) for r in target] == [
@@ -196,7 +198,7 @@ def test_task_that_ends_in_error_fails_its_rows(make_pipeline) -> None:
     [run] = pipeline.wait_for_reports()
 
     task_id = pipeline.metadata("import_job")["job_handle"]["jobs"][0]["job_id"]
-    assert run.tags["dagster/run_key"] == f"{task_id}:error"
+    assert run.tags["dagster/run_key"] == f"{task_id}:ended"
     report = pipeline.metadata("failure_report")
     assert (report["imported"], report["failed_at_target"], report["vendor_status"]) == (0, 20, "error")
     assert pipeline.accounting_passed()
@@ -213,7 +215,7 @@ def test_error_envelope_is_a_reported_failure_not_a_success(make_pipeline) -> No
     assert pipeline.ingest()[0].is_success
     [run] = pipeline.wait_for_reports()
 
-    assert run.tags["dagster/run_key"].endswith(":refused")
+    assert run.tags["dagster/run_key"].endswith(":ended")
     report = pipeline.metadata("failure_report")
     assert (report["imported"], report["failed_at_target"], report["vendor_status"]) == (0, 5, "refused")
     assert pipeline.accounting_passed()

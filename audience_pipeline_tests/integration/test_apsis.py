@@ -84,13 +84,14 @@ def test_first_push_then_a_changed_file_updates_the_profiles(apsis_pipeline) -> 
     partition = pipeline.partitions()[-1]
     handle = pipeline.metadata("import_job", partition)["job_handle"]
     assert (
-        reports[0].is_success
-        and reports[0].tags["dagster/run_key"] == f"{handle['jobs'][0]['job_id']}:completed"
+        reports[0].is_success and reports[0].tags["dagster/run_key"] == f"{handle['jobs'][0]['job_id']}:ended"
     )
     report = pipeline.metadata("failure_report", partition)
     assert (report["source_rows"], report["rejected_by_validation"]) == (200, 6)
     assert (report["imported"], report["failed_at_target"], report["ignored_by_target"]) == (192, 2, 0)
     assert report["vendor_counts"]["processed"] == 192 and report["vendor_counts"]["created"] == 192
+    assert report["outcome"] == "completed_with_failures"
+    assert report["target"].startswith('APSIS One section "') and "keyspace " in report["target"]
     assert pipeline.accounting_passed()
     target = [r for r in pipeline.report_rows(partition) if r["stage"] == "target"]
     assert [(r["source_line"], r["unique_id"], r["outcome"]) for r in target] == [
@@ -137,7 +138,7 @@ def test_an_import_that_ends_in_error_fails_all_its_rows(apsis_pipeline) -> None
     pipeline.ingest()
     (run,) = pipeline.wait_for_reports()
 
-    assert run.tags["dagster/run_key"].endswith(":error")
+    assert run.tags["dagster/run_key"].endswith(":ended")
     partition = pipeline.partitions()[-1]
     report = pipeline.metadata("failure_report", partition)
     assert (report["imported"], report["failed_at_target"], report["rejected_by_validation"]) == (0, 194, 6)
@@ -214,7 +215,7 @@ def test_an_expired_upload_url_fails_its_part_and_never_leaks(apsis_pipeline, ca
     handle = pipeline.metadata("import_job", partition)["job_handle"]
     first, *others = handle["jobs"]
     assert others and list(handle["extra"]["upload_errors"]) == [first["job_id"]]
-    assert report_run.tags["dagster/run_key"].endswith(":completed+upload_failed")
+    assert report_run.tags["dagster/run_key"].endswith(":ended")
     report = pipeline.metadata("failure_report", partition)
     assert report["failed_at_target"] >= first["row_count"]
     assert report["imported"] + report["failed_at_target"] == 194

@@ -211,9 +211,9 @@ def test_a_report_run_that_fails_is_retried_once_the_fault_clears(
     report_runs = [r for r in pipeline.instance.get_runs() if r.job_name == f"{FEED}__report"]
     assert sorted(r.status.value for r in report_runs) == ["FAILURE", "FAILURE", "SUCCESS"]
     assert sorted(r.tags["dagster/run_key"].rpartition(":")[2] for r in report_runs) == [
-        "failed",
-        "failed#report2",
-        "failed#report3",
+        "ended",
+        "ended#report2",
+        "ended#report3",
     ]
 
 
@@ -295,3 +295,27 @@ def test_the_alert_never_names_the_webhook_url(pipeline_factory: PipelineFactory
     assert all(hook.url not in text for text in hook.texts)
     with httpx.Client() as client:  # the receiver really was reachable on 127.0.0.1
         assert client.post(hook.url, json={"text": "ping"}).status_code == 200
+
+
+def test_a_truncated_export_is_blocked_and_alerts_once(
+    pipeline_factory: PipelineFactory, hook: Webhook
+) -> None:
+    """The changed-rows guard: 40 % of the employees left in one file is a truncated export until a
+    person says otherwise; the alert says how many and how to accept it, and nothing is sent."""
+    pipeline = start(pipeline_factory)
+    settle(pipeline)
+    assert hook.posts == []  # a good first file is not news
+    lines = DEMO_CSV.read_text("utf-8").splitlines(keepends=True)
+    writes_before = [r for r in pipeline.sandbox.requests(vendor="cxi") if r["method"] != "GET"]
+    pipeline.drop("employees_2026-11-08.csv", "".join([lines[0], *lines[-80:]]))
+
+    settle(pipeline)
+    pipeline.driver.tick(ALERTS_SENSOR)
+
+    found = states(pipeline.instance, keys_of(pipeline))
+    assert sorted(s.state for s in found.values()) == ["blocked", "reported"]
+    assert [r for r in pipeline.sandbox.requests(vendor="cxi") if r["method"] != "GET"] == writes_before
+    assert len(hook.texts) == 1  # announced once, although the sensor ticked again
+    text = hook.texts[0]
+    assert "employees_2026-11-08.csv" in text and "blocked" in text
+    assert "are missing from this file" in text and "accept_removals: true" in text

@@ -9,7 +9,7 @@ import time
 import dagster as dg
 import pytest
 
-from audience_pipeline.assets import REJECTION_CHECK
+from audience_pipeline.assets import ACCOUNTING_CHECK, REJECTION_CHECK
 from audience_pipeline.automation.status import in_flight
 from audience_pipeline_tests.integration.conftest import DEMO_CSV, FEED, Pipeline, PipelineFactory, demo_feeds
 
@@ -34,7 +34,7 @@ def test_new_file_flows_to_failure_report(pipeline: Pipeline) -> None:
 
     assert len(runs) == 1 and runs[0].is_success
     partitions = pipeline.partitions()
-    assert len(partitions) == 1 and partitions[0].startswith("employees_2026-11-01.csv@")
+    assert partitions == ["employees_2026-11-01.csv"]  # a first content is named by its file alone
     partition = partitions[0]
     assert runs[0].tags["dagster/partition"] == partition
     assert runs[0].tags["dagster/run_key"] == partition
@@ -48,7 +48,7 @@ def test_new_file_flows_to_failure_report(pipeline: Pipeline) -> None:
 
     assert report_runs[0].is_success
     handle = pipeline.metadata("import_job", partition)["job_handle"]
-    assert report_runs[0].tags["dagster/run_key"] == f"{handle['jobs'][0]['job_id']}:failed"
+    assert report_runs[0].tags["dagster/run_key"] == f"{handle['jobs'][0]['job_id']}:ended"
     report = pipeline.metadata("failure_report", partition)
     assert report["source_rows"] == 200
     assert report["rejected_by_validation"] == 6
@@ -68,6 +68,73 @@ def test_new_file_flows_to_failure_report(pipeline: Pipeline) -> None:
     assert [i["name"] for i in imports] == ["All staff"]
     assert imports[0]["uniqueIdFieldName"] == "unique_id"
     assert pipeline.wait_for_reports(expected=0, timeout=0.3) == []
+    assert_story_is_told(pipeline, partition, report_runs[0], handle["jobs"][0]["job_id"])
+
+
+TARGET = 'Communicate XI import "All staff"'
+
+
+def assert_story_is_told(pipeline: Pipeline, partition: str, report_run: dg.DagsterRun, job_id: str) -> None:
+    """Issue 14: target, typed metadata, one outcome word, checks tied to the file, log lines."""
+    staged = pipeline.metadata("hr_file", partition)
+    assert staged["file_name"] == "employees_2026-11-01.csv" and len(staged["sha256"]) == 64
+    assert staged["source"].startswith("folder ") and staged["source"].endswith("incoming (*.csv)")
+
+    event = (
+        pipeline.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=pipeline.key("import_job"), asset_partitions=[partition]), limit=1
+        )
+        .records[0]
+        .asset_materialization
+    )
+    assert event is not None
+    typed = event.metadata
+    assert typed["target"].value == TARGET
+    assert isinstance(typed["submitted_at"], dg.TimestampMetadataValue)
+    assert isinstance(typed["jobs"], dg.TextMetadataValue) and typed["jobs"].value == job_id
+    assert isinstance(typed["import_key"], dg.TextMetadataValue)
+    assert "| import_name | All staff |" in typed["vendor_details"].value
+    assert "url" not in typed["vendor_details"].value.lower()
+
+    report = pipeline.metadata("failure_report", partition)
+    assert (report["outcome"], report["vendor_status"], report["target"]) == (
+        "completed_with_failures",
+        "failed",  # the vendor's own word, kept next to ours, never a run tag
+        TARGET,
+    )
+    tags = pipeline.instance.get_run_by_id(report_run.run_id).tags
+    assert tags["audience_pipeline/outcome"] == "completed_with_failures"
+    assert "failed" not in {v for k, v in tags.items() if k.startswith("audience_pipeline/")}
+
+    check = pipeline.check("failure_report", ACCOUNTING_CHECK)
+    assert check is not None and check.partition == partition  # a partitioned check: its file shows
+    evaluation = check.event.dagster_event.event_specific_data
+    assert evaluation.description == (
+        "200 source rows = 6 rejected + 0 unchanged + 194 submitted; 194 submitted = 192 imported + "
+        "2 failed + 0 ignored; Communicate XI counts 192 imported (agrees)"
+    )
+    assert pipeline.check("validated_rows", REJECTION_CHECK).partition == partition
+
+    defs = pipeline.defs
+    spec = defs.resolve_assets_def(pipeline.key("import_job")).specs_by_key[pipeline.key("import_job")]
+    assert TARGET in spec.description and "Every employee into the Communicate XI import" in spec.description
+    assert spec.metadata["target"] == TARGET and spec.metadata["feed"] == FEED
+    assert TARGET in defs.resolve_job_def(f"{FEED}__ingest").description
+
+    said = [
+        record.event_log_entry.user_message
+        for run in pipeline.instance.get_runs()
+        for record in pipeline.instance.get_records_for_run(run.run_id).records
+        if record.event_log_entry.dagster_event is None
+    ]
+    for expected in (
+        "staged employees_2026-11-01.csv from folder ",
+        "validated employees_2026-11-01.csv: 200 rows, 194 valid, 6 rejected",
+        f"submitted 194 rows to {TARGET} as job {job_id}",
+        f"import finished: 192 imported, 2 failed, 0 ignored of 194 sent to {TARGET}",
+        "report ",
+    ):
+        assert any(line.startswith(expected) for line in said), (expected, said)
 
 
 def test_blocking_check_stops_a_broken_export(pipeline_factory: PipelineFactory) -> None:
@@ -143,7 +210,7 @@ def test_status_sensor_keeps_a_small_cursor_and_requests_once(pipeline: Pipeline
             break
         time.sleep(0.05)  # the sandbox moves the job on in the background
     assert len(result.run_requests) == 1
-    assert result.run_requests[0].run_key.endswith(":failed")
+    assert result.run_requests[0].run_key.endswith(":ended")
     assert not tick(result.cursor).run_requests  # requested once; tracked until its report exists
 
 

@@ -101,10 +101,14 @@ def test_push_reports_unknown_subscribers_and_adds_up(
 
     assert report_run.is_success
     tickets = "+".join(j["job_id"] for j in handle["jobs"])
-    assert report_run.tags["dagster/run_key"] == f"{tickets}:completed"
+    assert report_run.tags["dagster/run_key"] == f"{tickets}:ended"
     report = pipeline.metadata("failure_report")
     assert (report["imported"], report["rejected_by_validation"], report["failed_at_target"]) == (192, 6, 2)
     assert report["vendor_counts"]["processed"] == 192
+    assert (report["outcome"], report["target"]) == (
+        "completed_with_failures",
+        'Yesmail target list "all-staff"',
+    )
     target = [r for r in pipeline.report_rows() if r["stage"] == "target"]
     assert [(r["source_line"], r["unique_id"], r["outcome"]) for r in target] == [
         ("163", "E01161", "failed"),
@@ -141,7 +145,7 @@ def test_error_threshold_fails_a_ticket_and_its_unprocessed_rows(make_pipeline) 
     pipeline.ingest()
     (report_run,) = pipeline.wait_for_reports()
 
-    assert report_run.tags["dagster/run_key"].endswith(":failed")
+    assert report_run.tags["dagster/run_key"].endswith(":ended")
     report = pipeline.metadata("failure_report")
     assert report["vendor_status"] == "failed"
     target = [r for r in pipeline.report_rows() if r["stage"] == "target"]
