@@ -11,8 +11,9 @@ reaches ``import_job`` materialized in at most 15 s and its ``failure_report`` i
 - ``dagster-daemon run`` on the project's ``workspace.yaml`` (its code location in a gRPC
   subprocess, as in ``dagster dev``), started once and warmed up with one file that is not
   counted;
-- then ``--files`` times: the demo's 200-row export, made unique, written beside the drop folder
-  and renamed into it (an atomic arrival), and the instance read every 0.2 s until the file's
+- then ``--files`` times, after a random pause of 0-15 s (seeded; real files do not arrive in
+  step with the sensors' ticks): the demo's 200-row export, made unique, written beside the drop
+  folder and renamed into it (an atomic arrival), and the instance read every 0.2 s until the file's
   ``import_job`` and ``failure_report`` materializations appear.
 
 Times are taken from the event log (each materialization's own timestamp) minus the moment of the
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -44,6 +46,10 @@ IMPORT_TARGET_SECONDS = 15.0
 REPORT_TARGET_SECONDS = 30.0
 DEMO_DIR = REPO_ROOT / "audience_pipeline" / "feeds" / "demo"
 DEMO_CSV = DEMO_DIR / "incoming" / "employees_2026-11-01.csv"
+ARRIVAL_SPREAD_SECONDS = 15.0
+"""Each file is dropped after a random pause of up to one status-sensor interval: dropped right
+after the previous report, files would arrive in step with the sensors' ticks and every one would
+see the same (lucky or unlucky) phase."""
 SQLITE_INSTANCE_KEYS = ("run_coordinator", "concurrency", "run_retries", "sensors", "schedules", "telemetry")
 
 
@@ -133,7 +139,9 @@ def measure(instance, feed: str, name: str, dropped_at: float, timeout: float) -
     )
 
 
-def run(files: int, feed: str, pace: float, timeout: float) -> dict:
+def run(
+    files: int, feed: str, pace: float, timeout: float, keep_log: Path | None = None, seed: int = 7
+) -> dict:
     import dagster as dg
 
     from audience_pipeline.cli import random_credentials
@@ -176,8 +184,10 @@ def run(files: int, feed: str, pace: float, timeout: float) -> dict:
                 _log("daemon started; warming up with one file (not counted)")
                 measure(instance, feed, "warmup.csv", drop(root, "warmup.csv", "warmup"), timeout)
                 trials = []
+                arrivals = random.Random(seed)
                 for n in range(1, files + 1):
                     name = f"employees_bench_{n}.csv"
+                    time.sleep(arrivals.uniform(0, ARRIVAL_SPREAD_SECONDS))
                     trials.append(measure(instance, feed, name, drop(root, name, str(n)), timeout))
                     _log(f"{name}: {asdict(trials[-1])}")
         except TimeoutError:
@@ -194,6 +204,8 @@ def run(files: int, feed: str, pace: float, timeout: float) -> dict:
             except subprocess.TimeoutExpired:
                 os.killpg(daemon.pid, signal.SIGKILL)
             log.close()
+            if keep_log is not None:
+                keep_log.write_bytes((root / "daemon.log").read_bytes())
     import_median = statistics.median(t.import_seconds for t in trials)
     report_median = statistics.median(t.report_seconds for t in trials)
     return {
@@ -215,10 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--feed", default="all_staff_cxi", help="one of the demo feeds")
     parser.add_argument("--pace", type=float, default=0.5, help="sandbox seconds per job state")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait per step")
+    parser.add_argument("--seed", type=int, default=7, help="seeds the pauses between files")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--daemon-log", type=Path, help="keep the daemon's log (sensor ticks, runs) here")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a median misses its target")
     args = parser.parse_args(argv)
-    result = run(args.files, args.feed, args.pace, args.timeout)
+    result = run(args.files, args.feed, args.pace, args.timeout, args.daemon_log, args.seed)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -29,6 +29,7 @@ import dagster as dg
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 from audience_pipeline.assets import STORAGE_KEY, FeedKeys
+from audience_pipeline.automation.cadence import minimum_interval
 from audience_pipeline.feeds.model import HttpReportSource, SourceConfig
 from audience_pipeline.object_store import put_file
 from audience_pipeline.partition_content import expected_content, record_content, recorded_content
@@ -107,7 +108,7 @@ def build_new_file_sensor(
     @dg.sensor(
         name=new_files_sensor_name(keys.feed.name),
         job=ingest_job,
-        minimum_interval_seconds=interval_seconds,
+        minimum_interval_seconds=minimum_interval(interval_seconds),
         default_status=dg.DefaultSensorStatus.RUNNING,
         required_resource_keys={keys.source_resource},
         description=(

@@ -57,6 +57,7 @@ import dagster as dg
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 from audience_pipeline.assets import FeedKeys, ReportConfig, handle_of, metadata_of
+from audience_pipeline.automation.cadence import minimum_interval
 from audience_pipeline.automation.lifecycle import FINISHED_STATUSES, latest_by_partition, report_covers
 from audience_pipeline.automation.polling import NOT_POLLED, PollLimits, pool_for
 from audience_pipeline.destinations.base import JobHandle, JobState, JobStatus
@@ -134,7 +135,7 @@ def build_status_sensor(
     @dg.sensor(
         name=status_sensor_name(keys.feed.name),
         job=report_job,
-        minimum_interval_seconds=SENSOR_INTERVAL_SECONDS,
+        minimum_interval_seconds=minimum_interval(SENSOR_INTERVAL_SECONDS),
         default_status=dg.DefaultSensorStatus.RUNNING,
         required_resource_keys={keys.destination_resource},
         description=(
