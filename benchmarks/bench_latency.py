@@ -26,6 +26,7 @@ Usage: ``python -m benchmarks.bench_latency [--files 5] [--feed all_staff_cxi] [
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -199,9 +200,9 @@ def run(
             raise
         finally:
             os.killpg(daemon.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 daemon.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):  # its code server can outlive a SIGTERM
                 os.killpg(daemon.pid, signal.SIGKILL)
             log.close()
             if keep_log is not None:

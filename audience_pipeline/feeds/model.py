@@ -17,7 +17,15 @@ import re
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from audience_pipeline.redact import redact_url
@@ -242,12 +250,24 @@ class S3Source(FileDropOptions):
         return self
 
 
+def _cron(value: str) -> str:
+    from dagster._utils.schedules import is_valid_cron_string
+
+    if not is_valid_cron_string(value):
+        raise ValueError(f"{value!r} is not a cron schedule such as '0 6 * * *'")
+    return value
+
+
+CronSchedule = Annotated[str, AfterValidator(_cron)]
+"""A cron string as Dagster schedules take it (five fields)."""
+
+
 class HttpReportSource(StrictModel):
     """A report URL (Workday RaaS, BambooHR custom report): pulled on ``schedule``, not listed."""
 
     type: Literal["http_report"]
     url: UrlValue
-    schedule: str = "0 6 * * *"
+    schedule: CronSchedule = "0 6 * * *"
     timezone: str = "UTC"
     file_name: str = Field(default="report.csv", pattern=r"^[^/\\]+$")
     method: Literal["GET", "POST"] = "GET"
@@ -258,15 +278,6 @@ class HttpReportSource(StrictModel):
     password: Secret | None = None
     token: Secret | None = None
     timeout_seconds: float = Field(default=300.0, gt=0)
-
-    @field_validator("schedule")
-    @classmethod
-    def _cron(cls, value: str) -> str:
-        from dagster._utils.schedules import is_valid_cron_string
-
-        if not is_valid_cron_string(value):
-            raise ValueError(f"{value!r} is not a cron schedule such as '0 6 * * *'")
-        return value
 
     @field_validator("timezone")
     @classmethod
@@ -463,17 +474,8 @@ class RetentionConfig(StrictModel):
     """``null`` keeps every file forever."""
     keep_last: int = Field(default=30, ge=1)
     """The newest files of each feed are kept whatever their age."""
-    schedule: str = "0 3 * * *"
+    schedule: CronSchedule = "0 3 * * *"
     """When the ``audience_pipeline__retention`` job runs (cron, UTC)."""
-
-    @field_validator("schedule")
-    @classmethod
-    def _cron(cls, value: str) -> str:
-        from dagster._utils.schedules import is_valid_cron_string
-
-        if not is_valid_cron_string(value):
-            raise ValueError(f"{value!r} is not a cron schedule such as '0 3 * * *'")
-        return value
 
 
 class Feed(StrictModel):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from audience_pipeline_tests.deploy_files import (
     with_option,
 )
 from audience_pipeline_tests.integration.conftest import DEMO_CSV, DEMO_MAPPING, FEED
+from audience_pipeline_tests.integration.dagster_ui import stop_process_tree
 from audience_pipeline_tests.postgres import DEPLOY_DAGSTER_YAML, free_port
 
 pytestmark = pytest.mark.integration
@@ -138,14 +138,9 @@ def _start(command: list[str], env: dict[str, str], cwd: Path, log: Path) -> sub
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop the server and the run processes it started (its own session, so its group)."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=15)
+    """Stop the server (or daemon) and every process it started: a daemon that exits on SIGTERM
+    can leave its code server behind, so the group and the descendants get SIGKILL too."""
+    stop_process_tree(process, grace=15.0)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

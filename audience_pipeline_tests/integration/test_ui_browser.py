@@ -129,6 +129,12 @@ def test_failure_report_partition_shows_counts_and_preview(ui: DagsterUi, page: 
     open_partition(page, ui, FEED, "failure_report", partition)
     for label, value in counts.items():
         expect(metadata_value(page, label)).to_have_text(re.compile(rf"^\s*({value}|{value:,})\s*$"))
+    # One outcome word for every vendor, next to what the file was imported into.
+    outcomes = {"completed", "completed_with_failures", "failed", "timed_out"}
+    assert metadata.get("outcome") in outcomes, metadata
+    assert "Communicate XI" in str(metadata.get("target")), metadata
+    for label in ("outcome", "target"):
+        expect(metadata_value(page, label)).to_contain_text(str(metadata[label]))
 
     metadata_row(page, PREVIEW).get_by_text(re.compile("show", re.IGNORECASE)).click()
     dialog = page.get_by_role("dialog")
