@@ -228,6 +228,23 @@ def _arrow(path: StorePath) -> tuple[str, pafs.FileSystem | None]:
     return (path.arrow_path, path.fs) if isinstance(path, ObjectPath) else (str(path), None)
 
 
+def remove_tree(path: StorePath) -> tuple[int, int]:
+    """Delete a file, or a folder (an S3 prefix) and everything under it: ``(files, bytes)``
+    removed; nothing there is ``(0, 0)``."""
+    where, fs = _arrow(path)
+    fs = fs or pafs.LocalFileSystem()
+    info = fs.get_file_info(where)
+    if info.type == pafs.FileType.NotFound:
+        return 0, 0
+    if info.type == pafs.FileType.File:
+        fs.delete_file(where)
+        return 1, info.size or 0
+    selector = pafs.FileSelector(where, recursive=True, allow_not_found=True)
+    inside = [i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
+    fs.delete_dir(where)
+    return len(inside), sum(i.size or 0 for i in inside)
+
+
 def read_parquet(path: StorePath, columns: list[str] | None = None) -> pa.Table:
     where, fs = _arrow(path)
     return pq.read_table(where, columns=columns, filesystem=fs)

@@ -40,8 +40,14 @@ def recorded_content(instance: dg.DagsterInstance, feed: str, keys: Iterable[str
     return {wanted[entry]: sha for entry, sha in found.items() if sha}
 
 
+def expected_contents(instance: dg.DagsterInstance, feed: str, keys: Iterable[str]) -> dict[str, str | None]:
+    """What each key's file must hash to (a prefix), in one read: its record, else the hash in the
+    key itself; ``None`` for a bare key without a record (added by hand in the UI)."""
+    keys = list(keys)
+    recorded = recorded_content(instance, feed, keys)
+    return {key: recorded.get(key) or split_partition_key(key)[1] for key in keys}
+
+
 def expected_content(instance: dg.DagsterInstance, feed: str, key: str) -> str | None:
-    """What ``key``'s file must hash to (a prefix): its record, else the hash in the key itself;
-    ``None`` for a bare key without a record (added by hand in the UI)."""
-    recorded = recorded_content(instance, feed, [key]).get(key)
-    return recorded or split_partition_key(key)[1]
+    """:func:`expected_contents` of one key."""
+    return expected_contents(instance, feed, [key])[key]

@@ -15,8 +15,8 @@ belongs to no partition. Partitions still running, importing, retrying or needin
 never touched, whatever their age. Each pruned partition gets an ``AssetObservation`` on its
 ``hr_file`` (``pruned_files``, ``freed_bytes``), so its page says where its files went.
 
-Deleting works alike on a local folder and on S3 (``pyarrow.fs``: a prefix is deleted object by
-object by the SDK); a file already gone counts as pruned.
+Deleting works alike on a local folder and on S3 (``object_store.remove_tree``); a file already
+gone counts as pruned.
 """
 
 import time
@@ -24,13 +24,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import dagster as dg
-import pyarrow.fs as pafs
 
 from audience_pipeline.assets import STORAGE_KEY, FeedKeys
 from audience_pipeline.automation.lifecycle import PartitionState, feed_states
 from audience_pipeline.feeds.model import RetentionConfig
-from audience_pipeline.object_store import ObjectPath, StorePath
-from audience_pipeline.storage import PipelineStorage, safe_name
+from audience_pipeline.object_store import StorePath, remove_tree
+from audience_pipeline.storage import PipelineStorage, asset_value_path
 
 PRUNABLE_STATES = frozenset({"reported", "blocked", "refused"})
 JOB_NAME = "audience_pipeline__retention"
@@ -67,7 +66,6 @@ def prunable(
 
 def partition_locations(storage: PipelineStorage, keys: FeedKeys, partition: str) -> list[StorePath]:
     """Every folder and file the pipeline keeps for one partition."""
-    root, name = storage.root, safe_name(partition)
     feed = keys.feed.name
     folders = [
         storage.staging_dir(feed, partition),
@@ -75,7 +73,7 @@ def partition_locations(storage: PipelineStorage, keys: FeedKeys, partition: str
         storage.report_dir(feed, partition),
     ]
     values = [
-        root.joinpath("assets", *asset.path, f"{name}.{ext}")
+        asset_value_path(storage.root, asset, partition, ext)
         for asset in (
             keys.hr_file,
             keys.validated_rows,
@@ -86,30 +84,6 @@ def partition_locations(storage: PipelineStorage, keys: FeedKeys, partition: str
         for ext in ("parquet", "json")
     ]
     return [*folders, *values]
-
-
-def _filesystem(path: StorePath) -> tuple[pafs.FileSystem, str]:
-    if isinstance(path, ObjectPath):
-        return path.fs, path.arrow_path
-    return pafs.LocalFileSystem(), str(path)
-
-
-def remove(path: StorePath) -> tuple[int, int]:
-    """Delete a file or a folder (prefix) and everything under it: (files, bytes) removed."""
-    fs, where = _filesystem(path)
-    info = fs.get_file_info(where)
-    if info.type == pafs.FileType.NotFound:
-        return 0, 0
-    if info.type == pafs.FileType.File:
-        fs.delete_file(where)
-        return 1, info.size or 0
-    inside = [
-        i
-        for i in fs.get_file_info(pafs.FileSelector(where, recursive=True, allow_not_found=True))
-        if i.type == pafs.FileType.File
-    ]
-    fs.delete_dir(where)
-    return len(inside), sum(i.size or 0 for i in inside)
 
 
 def prune_feed(
@@ -127,7 +101,7 @@ def prune_feed(
     for partition in prunable(states, order, settings, now):
         files = freed = 0
         for location in partition_locations(storage, keys, partition):
-            n, size = remove(location)
+            n, size = remove_tree(location)
             files, freed = files + n, freed + size
         if files:
             out.append(Pruned(keys.feed.name, partition, states[partition].state, files, freed))

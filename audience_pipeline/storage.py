@@ -76,6 +76,12 @@ def safe_name(partition_key: str) -> str:
     return name.replace(".", "%2E") if not name.strip(".") else name
 
 
+def asset_value_path(root: StorePath, key: dg.AssetKey, partition: str | None, ext: str) -> StorePath:
+    """Where :class:`AudienceIOManager` keeps one value: ``assets/<key…>/<partition>.<ext>``."""
+    name = safe_name(partition) if partition is not None else "all"
+    return root.joinpath("assets", *key.path, f"{name}.{ext}")
+
+
 class PipelineStorage(dg.ConfigurableResource):
     """Root of staged source files, failure reports, snapshots, sync plans and locks.
 
@@ -114,9 +120,8 @@ class AudienceIOManager(dg.ConfigurableIOManager):
     base_dir: str
 
     def _path(self, context: dg.OutputContext | dg.InputContext, ext: str) -> StorePath:
-        key = context.asset_key.path
-        partition = safe_name(context.asset_partition_key) if context.has_asset_partitions else "all"
-        return storage_path(self.base_dir).joinpath("assets", *key, f"{partition}.{ext}")
+        partition = context.asset_partition_key if context.has_asset_partitions else None
+        return asset_value_path(storage_path(self.base_dir), context.asset_key, partition, ext)
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if isinstance(obj, pd.DataFrame):

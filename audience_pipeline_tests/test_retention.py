@@ -8,8 +8,9 @@ import pytest
 
 from audience_pipeline.automation.lifecycle import PartitionState
 from audience_pipeline.feeds.model import RetentionConfig
+from audience_pipeline.object_store import remove_tree as remove
 from audience_pipeline.object_store import storage_path, write_parquet
-from audience_pipeline.retention import DAY_SECONDS, prunable, remove
+from audience_pipeline.retention import DAY_SECONDS, prunable
 
 NOW = 1_800_000_000.0
 

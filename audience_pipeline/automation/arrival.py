@@ -32,7 +32,7 @@ from audience_pipeline.assets import STORAGE_KEY, FeedKeys
 from audience_pipeline.automation.cadence import minimum_interval
 from audience_pipeline.feeds.model import HttpReportSource, SourceConfig
 from audience_pipeline.object_store import put_file
-from audience_pipeline.partition_content import expected_content, record_content, recorded_content
+from audience_pipeline.partition_content import expected_contents, record_content, recorded_content
 from audience_pipeline.redact import redact
 from audience_pipeline.sources.base import (
     CURSOR_HASH_CHARS,
@@ -223,11 +223,14 @@ def _mark_processed(
         limit=MAX_MARKS_PER_TICK,
         ascending=True,
     ).records
+    contents = expected_contents(
+        context.instance, keys.feed.name, {r.partition_key for r in records if r.partition_key}
+    )
     for record in records:
         if record.partition_key:
             name = split_partition_key(record.partition_key)[0]
             entry = files.get(name)
-            expected = expected_content(context.instance, keys.feed.name, record.partition_key)
+            expected = contents[record.partition_key]
             if entry and entry[2] and expected and same_content(entry[2], expected):
                 try:
                     source.mark_processed(name)
